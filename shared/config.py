@@ -1,0 +1,505 @@
+"""Configuration: a Butler SOS YAML file plus a `senseflow` section of our own.
+
+The `Butler-SOS.*` sections keep Butler SOS's key names and meanings, so an operator
+points us at the file they already have; keys we do not use are ignored there. Our own
+section is strict: an unknown key there is a typo and is reported.
+
+Any string value may reference an environment variable as `${NAME}` (or
+`${NAME:-default}`), which is how secrets stay out of the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+BUTLER_SECTION = "Butler-SOS"
+OWN_SECTION = "senseflow"
+
+
+class Base(msgspec.Struct, frozen=True, rename="camel", kw_only=True):
+    """Butler SOS sections: camelCase keys, unknown keys ignored."""
+
+
+class Own(msgspec.Struct, frozen=True, rename="camel", kw_only=True, forbid_unknown_fields=True):
+    """Our own section: camelCase keys, unknown keys are errors."""
+
+
+class NameValue(Base):
+    name: str
+    value: str
+
+
+class ExcludeUser(Base):
+    directory: str
+    user_id: str
+
+
+class MessageQueue(Base):
+    max_concurrent: int = 10
+    max_size: int = 200
+    backpressure_threshold: int = 80
+
+
+class RateLimit(Base):
+    enable: bool = False
+    max_messages_per_minute: int = 600
+
+
+class QueueMetricsInflux(Base):
+    enable: bool = False
+    write_frequency: int = 20000
+    measurement_name: str = "user_events_queue"
+    tags: list[NameValue] | None = None
+
+
+class QueueMetrics(Base):
+    influxdb: QueueMetricsInflux = QueueMetricsInflux()
+
+
+class UdpServerConfig(Base):
+    server_host: str = "0.0.0.0"
+    port_user_activity_events: int = 9997
+    message_queue: MessageQueue = MessageQueue()
+    rate_limit: RateLimit = RateLimit()
+    max_message_size: int = 65507
+    enable_source_validation: bool = False
+    allowed_sources: list[str] | None = None
+    queue_metrics: QueueMetrics = QueueMetrics()
+
+
+class Topic(Base):
+    enable: bool = True
+    topic: str = ""
+
+
+class PostTo(Base):
+    everything_topic: Topic = Topic(topic="qliksense/userevent")
+    session_start_topic: Topic = Topic(topic="qliksense/userevent/session/start")
+    session_stop_topic: Topic = Topic(topic="qliksense/userevent/session/stop")
+    connection_open_topic: Topic = Topic(topic="qliksense/userevent/connection/open")
+    connection_close_topic: Topic = Topic(topic="qliksense/userevent/connection/close")
+
+
+class SendToMqtt(Base):
+    enable: bool = False
+    post_to: PostTo = PostTo()
+
+
+class Enable(Base):
+    enable: bool = False
+
+
+class SendToInflux(Base):
+    enable: bool = True
+
+
+class SendToNewRelic(Base):
+    enable: bool = False
+    destination_account: list[str] | None = None
+    scramble: bool = True
+
+
+class UserEvents(Base):
+    enable: bool = True
+    exclude_user: list[ExcludeUser] | None = None
+    udp_server_config: UdpServerConfig = UdpServerConfig()
+    tags: list[NameValue] | None = None
+    send_to_mqtt: SendToMqtt = msgspec.field(default=SendToMqtt(), name="sendToMQTT")
+    send_to_influxdb: SendToInflux = SendToInflux()
+    send_to_new_relic: SendToNewRelic = SendToNewRelic()
+
+
+class InfluxAuth(Base):
+    enable: bool = False
+    username: str = ""
+    password: str = ""
+
+
+class RetentionPolicy(Base):
+    name: str = "autogen"
+    duration: str = "0s"
+
+
+class InfluxV1(Base):
+    auth: InfluxAuth = InfluxAuth()
+    db_name: str = "senseops"
+    retention_policy: RetentionPolicy = RetentionPolicy()
+
+
+class InfluxV2(Base):
+    org: str = ""
+    bucket: str = ""
+    token: str = ""
+
+
+class InfluxV3(Base):
+    database: str = ""
+    token: str = ""
+    write_timeout: int = 10000
+
+
+class InfluxdbConfig(Base):
+    enable: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8086
+    version: Literal[1, 2, 3] = 1
+    max_batch_size: int = 1000
+    v1_config: InfluxV1 = InfluxV1()
+    v2_config: InfluxV2 = InfluxV2()
+    v3_config: InfluxV3 = InfluxV3()
+
+
+class MqttConfig(Base):
+    enable: bool = False
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    base_topic: str = "butler-sos/"
+
+
+class NewRelicEventAttributes(Base):
+    static: list[NameValue] | None = None
+
+
+class NewRelicEvent(Base):
+    url: str = "https://insights-collector.eu01.nr-data.net"
+    header: list[NameValue] | None = None
+    attribute: NewRelicEventAttributes = NewRelicEventAttributes()
+
+
+class NewRelic(Base):
+    enable: bool = False
+    event: NewRelicEvent = NewRelicEvent()
+
+
+class NewRelicAccount(Base):
+    account_name: str
+    insert_api_key: str
+    account_id: str
+
+
+class ThirdPartyCredentials(Base):
+    new_relic: list[NewRelicAccount] | None = None
+
+
+class AppNames(Base):
+    enable_app_name_extract: bool = False
+    extract_interval: int = 60000
+    host_ip: str = ""
+
+
+class Cert(Base):
+    client_cert: str = ""
+    client_cert_key: str = ""
+    client_cert_ca: str = ""
+    client_cert_passphrase: str = ""
+
+
+class EventCountInflux(Base):
+    measurement_name: str = "event_count"
+    tags: list[NameValue] | None = None
+
+
+class EventCount(Base):
+    enable: bool = False
+    influxdb: EventCountInflux = EventCountInflux()
+
+
+class QlikSenseEvents(Base):
+    influxdb: QueueMetricsInflux = QueueMetricsInflux()
+    event_count: EventCount = EventCount()
+
+
+class ButlerSOS(Base):
+    user_events: UserEvents = UserEvents()
+    influxdb_config: InfluxdbConfig = InfluxdbConfig()
+    mqtt_config: MqttConfig = MqttConfig()
+    new_relic: NewRelic = NewRelic()
+    third_party_tools_credentials: ThirdPartyCredentials = ThirdPartyCredentials()
+    app_names: AppNames = AppNames()
+    cert: Cert = Cert()
+    qlik_sense_events: QlikSenseEvents = QlikSenseEvents()
+
+
+class MqttTls(Own):
+    enable: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    insecure: bool = False
+
+
+class MqttOptions(Own):
+    qos: Literal[0, 1, 2] = 1
+    username: str = ""
+    password: str = ""
+    client_id: str = ""
+    tls: MqttTls = MqttTls()
+    max_inflight: int = 2000
+    max_pending: int = 200_000
+
+
+class Pipeline(Own):
+    """Pipeline tuning, the `senseflow` section; CLI flags override these."""
+
+    readers: int = 1
+    workers: int = 2
+    batch_size: int = 5000
+    flush_interval: int = 200
+    queue_size: int = 64
+    reader_batch_size: int = 500
+    reader_flush_ms: int = 10
+    receive_buffer: int = 32 * 1024 * 1024
+    summary_interval: int = 0
+    on_unreachable: Literal["fail", "wait"] = "fail"
+    startup_timeout: float = 10.0
+    app_names_file: str = ""
+    ua_cache_size: int = 4096
+    pending_events: int = 500_000
+    metrics_port: int = 0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    mqtt: MqttOptions = MqttOptions()
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    butler: ButlerSOS = ButlerSOS()
+    pipeline: Pipeline = Pipeline()
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:
+    """Load and validate a config file (None: all defaults). Raises ConfigError."""
+    if path is None:
+        return Config()
+    try:
+        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}".replace("\n", " ")]) from exc
+    return config_from_document(document, os.environ if env is None else env)
+
+
+def config_from_document(document: Any, env: Any) -> Config:
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise ConfigError([f"$: expected a mapping, found {_kind(document)}"])
+    problems: list[str] = []
+    document = _substitute_env(document, env, "$", problems)
+    sections = {
+        BUTLER_SECTION: (ButlerSOS, "butler"),
+        OWN_SECTION: (Pipeline, "pipeline"),
+    }
+    values: dict[str, Any] = {}
+    for key, (struct_type, attr) in sections.items():
+        section = document.get(key)
+        if section is None:
+            continue
+        problems.extend(_problems(section, msgspec.inspect.type_info(struct_type), key))
+        if not problems:
+            values[attr] = msgspec.convert(section, struct_type, strict=False)
+    if problems:
+        raise ConfigError(problems)
+    config = Config(**values)
+    problems.extend(check_semantics(config))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def check_semantics(config: Config) -> list[str]:
+    """Rules that types alone cannot express."""
+    problems = []
+    pipe = config.pipeline
+    for name in ("readers", "workers", "batch_size", "flush_interval", "queue_size",
+                 "reader_batch_size", "reader_flush_ms", "ua_cache_size", "pending_events"):
+        value = getattr(pipe, name)
+        if value < 1:
+            problems.append(f"{OWN_SECTION}.{_camel(name)}: expected an integer >= 1, found {value}")
+    port = config.butler.user_events.udp_server_config.port_user_activity_events
+    if not 0 <= port <= 65535:
+        problems.append(
+            f"{BUTLER_SECTION}.userEvents.udpServerConfig.portUserActivityEvents: "
+            f"expected a port 0-65535, found {port}"
+        )
+    problems.extend(_check_new_relic_accounts(config.butler))
+    return problems
+
+
+def _check_new_relic_accounts(butler: ButlerSOS) -> list[str]:
+    if not (butler.new_relic.enable and butler.user_events.send_to_new_relic.enable):
+        return []
+    known = {a.account_name for a in butler.third_party_tools_credentials.new_relic or []}
+    return [
+        f"{BUTLER_SECTION}.userEvents.sendToNewRelic.destinationAccount: expected an accountName "
+        f"from thirdPartyToolsCredentials.newRelic, found {name!r}"
+        for name in butler.user_events.send_to_new_relic.destination_account or []
+        if name not in known
+    ]
+
+
+def _problems(value: Any, info: msgspec.inspect.Type, path: str) -> list[str]:
+    """Validate field by field, so that every problem is reported, not only the first."""
+    if isinstance(info, msgspec.inspect.StructType) and isinstance(value, dict):
+        problems = []
+        by_name = {f.encode_name: f for f in info.fields}
+        if info.forbid_unknown_fields:
+            problems.extend(
+                f"{path}.{key}: unknown key (expected one of {', '.join(sorted(by_name))})"
+                for key in value
+                if key not in by_name
+            )
+        for field in info.fields:
+            sub_path = f"{path}.{field.encode_name}"
+            if field.encode_name in value:
+                problems.extend(_problems(value[field.encode_name], field.type, sub_path))
+            elif field.required:
+                problems.append(f"{sub_path}: expected a value, found nothing")
+        return problems
+    if isinstance(info, msgspec.inspect.ListType) and isinstance(value, list):
+        return [p for i, item in enumerate(value) for p in _problems(item, info.item_type, f"{path}[{i}]")]
+    if isinstance(info, msgspec.inspect.UnionType) and value is not None:
+        members = [t for t in info.types if not isinstance(t, msgspec.inspect.NoneType)]
+        if len(members) == 1:
+            return _problems(value, members[0], path)
+    try:
+        msgspec.convert(value, _python_type(info), strict=False)
+    except msgspec.ValidationError as exc:
+        return [f"{path}: expected {_describe(info)}, found {_kind(value)}{_short(value)}"
+                f"{_detail(exc)}"]
+    return []
+
+
+def _python_type(info: msgspec.inspect.Type) -> Any:
+    mapping: dict[type, Any] = {
+        msgspec.inspect.IntType: int,
+        msgspec.inspect.FloatType: float,
+        msgspec.inspect.StrType: str,
+        msgspec.inspect.BoolType: bool,
+    }
+    if type(info) in mapping:
+        return mapping[type(info)]
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return Literal[tuple(info.values)]
+    if isinstance(info, msgspec.inspect.StructType):
+        return info.cls
+    if isinstance(info, msgspec.inspect.UnionType):
+        return _union(info)
+    if isinstance(info, msgspec.inspect.ListType):
+        return list[_python_type(info.item_type)]  # type: ignore[misc]
+    if isinstance(info, msgspec.inspect.NoneType):
+        return type(None)
+    return Any
+
+
+def _union(info: msgspec.inspect.UnionType) -> Any:
+    result: Any = None
+    for member in info.types:
+        result = _python_type(member) if result is None else result | _python_type(member)
+    return result
+
+
+def _describe(info: msgspec.inspect.Type) -> str:
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return "one of " + ", ".join(repr(v) for v in info.values)
+    if isinstance(info, msgspec.inspect.UnionType):
+        return " or ".join(_describe(t) for t in info.types)
+    names = {
+        msgspec.inspect.IntType: "an integer",
+        msgspec.inspect.FloatType: "a number",
+        msgspec.inspect.StrType: "a string",
+        msgspec.inspect.BoolType: "true or false",
+        msgspec.inspect.StructType: "a mapping",
+        msgspec.inspect.ListType: "a list",
+        msgspec.inspect.NoneType: "nothing",
+    }
+    return names.get(type(info), "a value")
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "boolean"
+    return {dict: "mapping", list: "list", str: "string", int: "integer", float: "number"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _short(value: Any) -> str:
+    if value is None or isinstance(value, dict | list):
+        return ""
+    text = repr(value)
+    return " " + (text if len(text) <= 60 else text[:57] + "...")
+
+
+def _detail(exc: msgspec.ValidationError) -> str:
+    text = str(exc)
+    at = text.find(" - at `$")
+    if at < 0:
+        return ""
+    where = text[at + 8 : text.rfind("`")]
+    return f" (at {where})" if where else ""
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _substitute_env(value: Any, env: Any, path: str, problems: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _substitute_env(v, env, f"{path}.{k}", problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute_env(v, env, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return str(env[name])
+        if default is not None:
+            return default
+        problems.append(f"{path.removeprefix('$.')}: environment variable {name} is not set")
+        return ""
+
+    return _ENV_REF.sub(replace, value)
+
+
+def redact(text: str, config: Config) -> str:
+    """Remove every secret of the config from a text meant for logs."""
+    for secret in secrets(config):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def secrets(config: Config) -> list[str]:
+    b = config.butler
+    found = [
+        b.influxdb_config.v1_config.auth.password,
+        b.influxdb_config.v2_config.token,
+        b.influxdb_config.v3_config.token,
+        b.cert.client_cert_passphrase,
+        config.pipeline.mqtt.password,
+    ]
+    found.extend(a.insert_api_key for a in b.third_party_tools_credentials.new_relic or [])
+    return [s for s in found if len(s) >= 3]

@@ -1,0 +1,70 @@
+"""Structs that cross process boundaries, and the enriched event.
+
+Everything that travels between processes is one msgpack-encoded struct per batch:
+`array_like` keeps the encoding small, `gc=False` keeps the collector away from
+the millions of short-lived instances on the hot path.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+ACTIONS: tuple[str, ...] = ("Start session", "Stop session", "Open connection", "Close connection")
+"""The four user-event actions, in the order of their index in `EncodedBatch.actions`."""
+
+
+class RawBatch(msgspec.Struct, array_like=True, gc=False):
+    """Datagrams read by one receiver, each with its strictly increasing receive time (ns)."""
+
+    datagrams: list[bytes]
+    received_ns: list[int]
+
+
+class UserEvent(msgspec.Struct, gc=False):
+    """One parsed and enriched user event; empty strings mean 'not known'."""
+
+    message_type: str
+    host: str
+    command: str
+    user_directory: str
+    user_id: str
+    origin: str
+    context: str
+    message: str
+    received_ns: int
+    app_id: str = ""
+    app_name: str = ""
+    ua_browser_name: str = ""
+    ua_browser_major: str = ""
+    ua_os_name: str = ""
+    ua_os_version: str = ""
+
+    @property
+    def user_full(self) -> str:
+        return f"{self.user_directory}\\{self.user_id}"
+
+    @property
+    def action_index(self) -> int:
+        return ACTIONS.index(self.command)
+
+
+class EncodedBatch(msgspec.Struct, array_like=True, gc=False):
+    """A worker's output for one raw batch: bytes ready to send, and its counters.
+
+    `lines` is newline-terminated InfluxDB line protocol, one line per event.
+    `mqtt_payloads[i]` belongs to the event whose action index is `actions[i]`.
+    `newrelic` holds one JSON object per event (empty when New Relic is off).
+    `received_ns` is the receive time per event, for latency measurement.
+    """
+
+    lines: bytes
+    mqtt_payloads: list[bytes]
+    actions: bytes
+    newrelic: list[bytes]
+    received_ns: list[int]
+    counters: dict[str, int]
+
+
+RAW_ENCODER = msgspec.msgpack.Encoder()
+RAW_DECODER = msgspec.msgpack.Decoder(RawBatch)
+ENCODED_DECODER = msgspec.msgpack.Decoder(EncodedBatch)

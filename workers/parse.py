@@ -1,0 +1,124 @@
+"""The two wire formats of Qlik Sense user-event datagrams (SPEC 1).
+
+`parse_datagram` returns a `UserEvent`, or the reason (a short snake_case string) why the
+datagram is invalid. It never raises on any input.
+"""
+
+from __future__ import annotations
+
+import re
+
+from shared.events import UserEvent
+
+SOURCE_SESSION = "qseow-proxy-session"
+SOURCE_CONNECTION = "qseow-proxy-connection"
+SOURCE_SHORT = "proxy-user-event"
+
+CAP_NAME = 100
+CAP_ORIGIN = 200
+CAP_CONTEXT = 500
+CAP_MESSAGE = 1000
+
+INVALID_REASONS = (
+    "unknown_source",
+    "too_few_fields",
+    "unknown_action",
+    "missing_action",
+    "missing_host",
+    "missing_user_directory",
+    "missing_user_id",
+)
+
+BUTLER_COMMANDS = frozenset({"Start session", "Stop session", "Open connection", "Close connection"})
+
+# Format B: the action is the start of the message.
+SHORT_ACTIONS = (
+    ("Start session", "Start session"),
+    ("Stop session", "Stop session"),
+    ("Opening connection", "Open connection"),
+    ("Closing connection", "Close connection"),
+    ("Open connection", "Open connection"),
+    ("Close connection", "Close connection"),
+)
+
+# U+0000-U+001F and U+007F; none of them is `;`, so stripping before splitting is exact.
+_CONTROL = dict.fromkeys([*range(0x20), 0x7F])
+_SHORT_USER = re.compile(r"'([^'\\]*)\\([^']*)'")
+
+
+def parse_datagram(data: bytes, received_ns: int) -> UserEvent | str:
+    text = data.decode("utf-8", "replace").translate(_CONTROL)
+    head, sep, _ = text.partition(";")
+    source = head.strip().strip("/").lower()
+    if source in (SOURCE_SESSION, SOURCE_CONNECTION):
+        return _parse_butler(text, source, received_ns)
+    if source == SOURCE_SHORT:
+        return _parse_short(text, source, received_ns)
+    return "unknown_source"
+
+
+def _parse_butler(text: str, source: str, received_ns: int) -> UserEvent | str:
+    fields = text.split(";", 7)
+    if len(fields) < 8:
+        return "too_few_fields"
+    _, host, command, directory, user_id, origin, context, message = fields
+    command = command[:CAP_NAME]
+    if command not in BUTLER_COMMANDS:
+        return "unknown_action" if command.strip() else "missing_action"
+    return _build(
+        source, host, command, directory, user_id, origin, context, message, received_ns
+    )
+
+
+def _parse_short(text: str, source: str, received_ns: int) -> UserEvent | str:
+    fields = text.split(";", 4)
+    if len(fields) < 5:
+        return "too_few_fields"
+    _, host, subsystem, context, message = fields
+    command = _short_action(message)
+    if command is None:
+        return "unknown_action"
+    match = _SHORT_USER.search(message)
+    directory, user_id = match.groups() if match else ("", "")
+    return _build(source, host, command, directory, user_id, subsystem, context, message, received_ns)
+
+
+def _short_action(message: str) -> str | None:
+    start = message.lstrip()
+    for prefix, action in SHORT_ACTIONS:
+        if start.startswith(prefix):
+            return action
+    return None
+
+
+def _build(
+    source: str,
+    host: str,
+    command: str,
+    directory: str,
+    user_id: str,
+    origin: str,
+    context: str,
+    message: str,
+    received_ns: int,
+) -> UserEvent | str:
+    host = host[:CAP_NAME]
+    directory = directory[:CAP_NAME]
+    user_id = user_id[:CAP_NAME]
+    if not host.strip():
+        return "missing_host"
+    if not directory.strip():
+        return "missing_user_directory"
+    if not user_id.strip():
+        return "missing_user_id"
+    return UserEvent(
+        source,
+        host,
+        command,
+        directory,
+        user_id,
+        origin[:CAP_ORIGIN],
+        context[:CAP_CONTEXT],
+        message[:CAP_MESSAGE],
+        received_ns,
+    )
