@@ -34,7 +34,77 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     add_parse_command(commands)
+    add_run_command(commands)
     return parser
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {value}")
+    return value
+
+
+def add_run_command(commands: Any) -> None:
+    parser = commands.add_parser(
+        "run",
+        help="run the service: UDP in, InfluxDB / MQTT / New Relic out",
+        description="Run senseflow. Flags override the config file.",
+    )
+    add_config_argument(parser)
+    parser.add_argument("--host", help="UDP address to listen on (serverHost)")
+    parser.add_argument("--port", type=int, help="UDP port (portUserActivityEvents)")
+    parser.add_argument("--readers", type=positive_int, help="receiver processes sharing the port")
+    parser.add_argument("--workers", type=positive_int, help="parse/enrich/encode processes")
+    parser.add_argument("--batch-size", type=positive_int, help="InfluxDB lines per write")
+    parser.add_argument("--flush-interval", type=positive_int, metavar="MS",
+                        help="longest wait before a partial InfluxDB batch is written")
+    parser.add_argument("--queue-size", type=positive_int, help="batches each inter-process channel holds")
+    parser.add_argument("--summary-interval", type=int, metavar="S",
+                        help="log a counters line every S seconds (0: only at exit)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-format", choices=("text", "json"))
+    parser.set_defaults(command=run_service)
+
+
+def apply_run_flags(config: Config, args: argparse.Namespace) -> Config:
+    """CLI flags override the config file."""
+    pipeline_flags = {
+        "readers": args.readers,
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "flush_interval": args.flush_interval,
+        "queue_size": args.queue_size,
+        "summary_interval": args.summary_interval,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+    }
+    pipeline = msgspec.structs.replace(
+        config.pipeline, **{k: v for k, v in pipeline_flags.items() if v is not None}
+    )
+    udp = config.butler.user_events.udp_server_config
+    udp = msgspec.structs.replace(
+        udp,
+        server_host=args.host if args.host is not None else udp.server_host,
+        port_user_activity_events=args.port if args.port is not None else udp.port_user_activity_events,
+    )
+    user_events = msgspec.structs.replace(config.butler.user_events, udp_server_config=udp)
+    butler = msgspec.structs.replace(config.butler, user_events=user_events)
+    return msgspec.structs.replace(config, butler=butler, pipeline=pipeline)
+
+
+def run_service(args: argparse.Namespace) -> int:
+    from receiver.supervisor import Supervisor
+    from shared.config import check_semantics
+    from shared.logs import setup_logging
+
+    config = apply_run_flags(load_config(args.config), args)
+    problems = check_semantics(config)
+    if problems:
+        raise ConfigError(problems)
+    _app_names(config)  # fail now, not in every worker, if the mapping file is bad
+    setup_logging(config.pipeline.log_level, config.pipeline.log_format, "supervisor")
+    return Supervisor(config).run()
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:

@@ -190,14 +190,15 @@ class ThirdPartyCredentials(Base):
 class AppNames(Base):
     enable_app_name_extract: bool = False
     extract_interval: int = 60000
-    host_ip: str = ""
+    host_ip: str = msgspec.field(default="", name="hostIP")
 
 
 class Cert(Base):
     client_cert: str = ""
     client_cert_key: str = ""
-    client_cert_ca: str = ""
-    client_cert_passphrase: str = ""
+    client_cert_ca: str = msgspec.field(default="", name="clientCertCA")
+    # Butler SOS allows an empty (null) passphrase, as in its Docker example.
+    client_cert_passphrase: str | None = ""
 
 
 class EventCountInflux(Base):
@@ -478,7 +479,10 @@ def _substitute_env(value: Any, env: Any, path: str, problems: list[str]) -> Any
             return str(env[name])
         if default is not None:
             return default
-        problems.append(f"{path.removeprefix('$.')}: environment variable {name} is not set")
+        problems.append(
+            f"{path.removeprefix('$.')}: expected environment variable {name} to be set "
+            f"(or a default, as ${{{name}:-value}}), found it unset"
+        )
         return ""
 
     return _ENV_REF.sub(replace, value)
@@ -486,7 +490,8 @@ def _substitute_env(value: Any, env: Any, path: str, problems: list[str]) -> Any
 
 def redact(text: str, config: Config) -> str:
     """Remove every secret of the config from a text meant for logs."""
-    for secret in secrets(config):
+    # Longest first: a secret that contains a shorter one must not leak its remainder.
+    for secret in sorted(secrets(config), key=len, reverse=True):
         if secret:
             text = text.replace(secret, "***")
     return text
@@ -498,7 +503,7 @@ def secrets(config: Config) -> list[str]:
         b.influxdb_config.v1_config.auth.password,
         b.influxdb_config.v2_config.token,
         b.influxdb_config.v3_config.token,
-        b.cert.client_cert_passphrase,
+        b.cert.client_cert_passphrase or "",
         config.pipeline.mqtt.password,
     ]
     found.extend(a.insert_api_key for a in b.third_party_tools_credentials.new_relic or [])

@@ -1,0 +1,172 @@
+"""A receiver process: one UDP socket (shared with sibling readers via SO_REUSEPORT)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+
+import uvloop
+
+from receiver.endpoint import BatchingEndpoint, ReceiveClock
+from receiver.guards import RateLimiter, resolve_sources
+from shared import exitcodes
+from shared.config import Config
+from shared.counters import Counters
+from shared.events import RAW_ENCODER, RawBatch
+from shared.ipc import REPORT_INTERVAL, Channels, report, start_parent_watch
+from shared.logs import setup_logging
+
+log = logging.getLogger("senseflow.receiver")
+
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+DRAIN_PUT_TIMEOUT = 30.0
+
+
+class BindError(Exception):
+    pass
+
+
+def run(config: Config, channels: Channels, index: int, parent_pid: int) -> int:
+    name = f"reader-{index}"
+    setup_logging(config.pipeline.log_level, config.pipeline.log_format, name)
+    start_parent_watch(parent_pid, channels.stop.set)
+    try:
+        sock = open_socket(config)
+    except BindError as exc:
+        report(channels, name, "fatal", str(exc))
+        return exitcodes.BIND_ERROR
+    reader = Reader(config, channels, name, index, sock)
+    return uvloop.run(reader.serve())
+
+
+def open_socket(config: Config) -> socket.socket:
+    udp = config.butler.user_events.udp_server_config
+    host, port = udp.server_host, udp.port_user_activity_events
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    except socket.gaierror as exc:
+        raise BindError(f"cannot resolve serverHost {host!r}: {exc.strerror}") from exc
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    if config.pipeline.readers > 1:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    set_receive_buffer(sock, config.pipeline.receive_buffer)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot bind UDP {host}:{port}: {exc.strerror}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def set_receive_buffer(sock: socket.socket, wanted: int) -> int:
+    """Ask for `wanted` bytes, forcing past rmem_max where permitted; log what was granted."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, wanted)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
+    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # the kernel doubles it
+    if granted < wanted:
+        log.warning(
+            "UDP receive buffer is %d bytes, not the %d asked for; raise the cap with "
+            "`sysctl -w net.core.rmem_max=%d` (or run with CAP_NET_ADMIN)",
+            granted, wanted, wanted,
+        )
+    else:
+        log.info("UDP receive buffer: %d bytes", granted)
+    return granted
+
+
+class Reader:
+    def __init__(
+        self, config: Config, channels: Channels, name: str, index: int, sock: socket.socket
+    ) -> None:
+        self.config = config
+        self.channels = channels
+        self.name = name
+        self.sock = sock
+        self.counters = Counters()
+        self.clock = ReceiveClock(index, config.pipeline.readers)
+        self.kernel_drops = KernelDrops(sock)
+
+    def make_endpoint(self) -> BatchingEndpoint:
+        udp = self.config.butler.user_events.udp_server_config
+        pipe = self.config.pipeline
+        allowed = None
+        if udp.enable_source_validation:
+            allowed = resolve_sources(udp.allowed_sources or [])
+            log.info("source validation on: %d allowed address(es)", len(allowed))
+        limiter = None
+        if udp.rate_limit.enable:
+            limiter = RateLimiter(udp.rate_limit.max_messages_per_minute)
+        return BatchingEndpoint(
+            self.channels.raw, self.counters, self.clock, pipe.reader_batch_size,
+            pipe.reader_flush_ms, udp.max_message_size, allowed, limiter,
+        )
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        endpoint = self.make_endpoint()
+        transport, _ = await loop.create_datagram_endpoint(lambda: endpoint, sock=self.sock)
+        address = self.sock.getsockname()
+        log.info("listening on UDP %s:%d", address[0], address[1])
+        report(self.channels, self.name, "ready", address[1])
+        while not self.channels.stop.is_set():
+            await asyncio.sleep(REPORT_INTERVAL)
+            self.report_counters()
+        transport.close()
+        await asyncio.sleep(0)
+        await loop.run_in_executor(None, self.drain, endpoint)
+        self.report_counters()
+        return exitcodes.OK
+
+    def drain(self, endpoint: BatchingEndpoint) -> None:
+        """Hand over the last partial batch, waiting for room rather than dropping it."""
+        datagrams, times = endpoint.take_pending()
+        if not datagrams:
+            return
+        message = RAW_ENCODER.encode(RawBatch(datagrams, times))
+        if self.channels.raw.send(message, timeout=DRAIN_PUT_TIMEOUT):
+            self.counters.add("queued", len(datagrams))
+        else:
+            self.counters.add("dropped.queue_full", len(datagrams))
+
+    def report_counters(self) -> None:
+        drops = self.kernel_drops.take_new()
+        if drops:
+            self.counters.add("dropped.kernel", drops)
+        delta = self.counters.take_delta()
+        if delta:
+            report(self.channels, self.name, "counters", delta)
+
+
+class KernelDrops:
+    """The kernel's drop counter for our socket, from /proc/net/udp{,6} (by socket inode)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._inode = str(os.fstat(sock.fileno()).st_ino)
+        self._table = "/proc/net/udp6" if sock.family == socket.AF_INET6 else "/proc/net/udp"
+        self._seen = self.read()
+
+    def read(self) -> int:
+        try:
+            with open(self._table, encoding="ascii") as table:
+                for line in table:
+                    fields = line.split()
+                    if len(fields) >= 13 and fields[9] == self._inode:
+                        return int(fields[12])
+        except OSError:
+            pass
+        return 0
+
+    def take_new(self) -> int:
+        current = self.read()
+        new, self._seen = current - self._seen, current
+        return max(new, 0)
+
+
+if __name__ == "__main__":
+    sys.exit("run through `senseflow run`")

@@ -1,0 +1,297 @@
+"""The supervisor: starts the children, watches them, restarts what dies, drains on signal.
+
+Modelled on gunicorn's arbiter and uvicorn's multiprocess supervisor: signal handlers only
+record; one loop reads the children's reports (readiness, counter deltas), reaps the dead,
+restarts a child that crashed at run time with capped backoff, halts on a boot failure or
+a restart storm, and on the first SIGTERM/SIGINT drains in order: receivers stop reading,
+workers finish every batch read, the writer flushes every destination. A second signal
+stops at once; past the graceful timeout, SIGKILL.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from shared import exitcodes
+from shared.config import Config
+from shared.counters import summary_line
+from shared.ipc import STOP, Channels, MessageChannel, drain_reports
+
+log = logging.getLogger("senseflow.supervisor")
+
+MAX_RESTART_DELAY = 10.0
+STORM_WINDOW = 60.0
+STORM_RESTARTS = 10
+GRACEFUL_TIMEOUT = 90.0
+BOOT_TIMEOUT = 30.0
+RAW_BYTES_PER_DATAGRAM = 512
+ENCODED_BYTES_PER_EVENT = 2048
+MIN_CHANNEL_BYTES = 4 * 1024 * 1024
+
+
+def child_main(target: Callable[..., int], args: tuple[Any, ...]) -> None:
+    """Entry of every child: the supervisor alone reacts to SIGINT/SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(target(*args))
+
+
+class Child:
+    """One slot (reader-0, worker-1, writer): the process in it and its restart history."""
+
+    def __init__(self, name: str, target: Callable[..., int], args: tuple[Any, ...]) -> None:
+        self.name = name
+        self.target = target
+        self.args = args
+        self.process: BaseProcess | None = None
+        self.ready = False
+        self.restarts: list[float] = []
+        self.restart_at = 0.0
+
+    def spawn(self, context: Any) -> None:
+        self.ready = False
+        self.process = context.Process(
+            target=child_main, args=(self.target, self.args), name=self.name
+        )
+        self.process.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def next_restart_delay(self, now: float) -> float:
+        self.restarts = [t for t in self.restarts if now - t < STORM_WINDOW] + [now]
+        return min(MAX_RESTART_DELAY, 0.5 * 2 ** (len(self.restarts) - 1))
+
+    def storming(self) -> bool:
+        return len(self.restarts) > STORM_RESTARTS
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.context = multiprocessing.get_context("spawn")
+        pipe = config.pipeline
+        self.channels = Channels(
+            raw=MessageChannel(
+                max(MIN_CHANNEL_BYTES, pipe.queue_size * pipe.reader_batch_size * RAW_BYTES_PER_DATAGRAM)
+            ),
+            encoded=MessageChannel(
+                max(MIN_CHANNEL_BYTES, pipe.queue_size * pipe.reader_batch_size * ENCODED_BYTES_PER_EVENT)
+            ),
+            reports=self.context.Queue(),
+            stop=self.context.Event(),
+        )
+        self.totals: dict[str, int] = {}
+        self.signals: list[int] = []
+        self.fatal: dict[str, str] = {}
+        self.last_summary = time.monotonic()
+        self.readers = [self._reader_slot(i) for i in range(pipe.readers)]
+        self.workers = [self._worker_slot(i) for i in range(pipe.workers)]
+        self.writer = self._writer_slot()
+        self.listening_port: int | None = None
+
+    # -- slots ------------------------------------------------------------------------------
+
+    def _reader_slot(self, index: int) -> Child:
+        from receiver import process
+
+        return Child(f"reader-{index}", process.run, (self.config, self.channels, index, os.getpid()))
+
+    def _worker_slot(self, index: int) -> Child:
+        from workers import process
+
+        return Child(f"worker-{index}", process.run, (self.config, self.channels, index, os.getpid()))
+
+    def _writer_slot(self) -> Child:
+        from workers import writer
+
+        return Child("writer", writer.run, (self.config, self.channels, os.getpid()))
+
+    @property
+    def children(self) -> list[Child]:
+        return [*self.readers, *self.workers, self.writer]
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.install_signal_handlers()
+        for group in ([self.writer], self.workers, self.readers):
+            code = self.boot(group)
+            if code != exitcodes.OK:
+                self.stop_now()
+                return code
+        log.info(
+            "senseflow running: %d reader(s), %d worker(s), destinations: %s",
+            len(self.readers), len(self.workers), ", ".join(self.destinations()) or "none",
+        )
+        code = self.main_loop()
+        self.log_summary()
+        return code
+
+    def boot(self, group: list[Child]) -> int:
+        """Start a group and wait until each child is ready; a child that dies first halts us."""
+        for child in group:
+            child.spawn(self.context)
+        deadline = time.monotonic() + BOOT_TIMEOUT + self.config.pipeline.startup_timeout
+        waiting_for_destinations = self.config.pipeline.on_unreachable == "wait"
+        while not all(child.ready for child in group):
+            self.read_reports(0.1)
+            if self.signals:
+                return exitcodes.INTERRUPTED
+            for child in group:
+                if not child.ready and not child.alive:
+                    return self.boot_failure(child)
+            if time.monotonic() > deadline and not waiting_for_destinations:
+                log.error("children not ready after %.0fs: %s", BOOT_TIMEOUT,
+                          ", ".join(c.name for c in group if not c.ready))
+                return exitcodes.BOOT_FAILURE
+        return exitcodes.OK
+
+    def boot_failure(self, child: Child) -> int:
+        assert child.process is not None
+        child.process.join(1)
+        code = child.process.exitcode
+        reason = self.fatal.get(child.name, describe_exit(code))
+        log.error("%s failed to start: %s", child.name, reason)
+        if code in (exitcodes.BIND_ERROR, exitcodes.DESTINATION_UNREACHABLE, exitcodes.CONFIG_ERROR):
+            return code
+        return exitcodes.BOOT_FAILURE
+
+    def main_loop(self) -> int:
+        while True:
+            self.read_reports(0.2)
+            if self.signals:
+                return self.drain()
+            code = self.reap_children()
+            if code is not None:
+                self.stop_now()
+                return code
+            self.maybe_log_summary()
+
+    def reap_children(self) -> int | None:
+        """Restart children that died on their own; None while all is well."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.alive:
+                continue
+            if child.restart_at == 0.0:
+                assert child.process is not None
+                child.process.join(0.1)
+                delay = child.next_restart_delay(now)
+                log.error("%s (pid %s) died: %s; restarting in %.1fs", child.name, child.pid,
+                          describe_exit(child.process.exitcode), delay)
+                if child.storming():
+                    log.error("%s keeps dying (%d restarts in %.0fs); stopping", child.name,
+                              len(child.restarts), STORM_WINDOW)
+                    return exitcodes.FAILURE
+                child.restart_at = now + delay
+            elif now >= child.restart_at:
+                child.restart_at = 0.0
+                child.spawn(self.context)
+        return None
+
+    def drain(self) -> int:
+        """Stop reading, finish every batch read, flush every destination, exit 0."""
+        log.info("draining: stopping receivers, then workers, then the writer")
+        deadline = time.monotonic() + GRACEFUL_TIMEOUT
+        self.channels.stop.set()
+        if not self.wait_for(self.readers, deadline):
+            return self.stop_now()
+        for _ in self.workers:
+            self.channels.raw.send(STOP)
+        if not self.wait_for(self.workers, deadline):
+            return self.stop_now()
+        self.channels.encoded.send(STOP)
+        if not self.wait_for([self.writer], deadline):
+            return self.stop_now()
+        self.read_reports(0.2)
+        log.info("drained; exiting")
+        return exitcodes.OK
+
+    def wait_for(self, group: list[Child], deadline: float) -> bool:
+        while any(child.alive for child in group):
+            self.read_reports(0.1)
+            if len(self.signals) > 1:
+                log.warning("second signal: stopping now")
+                return False
+            if time.monotonic() > deadline:
+                log.error("graceful timeout: %s still running", ", ".join(c.name for c in group if c.alive))
+                return False
+        for child in group:
+            if child.process is not None:
+                child.process.join()
+        return True
+
+    def stop_now(self) -> int:
+        self.channels.stop.set()
+        for child in self.children:
+            if child.alive and child.pid is not None:
+                os.kill(child.pid, signal.SIGKILL)
+        for child in self.children:
+            if child.process is not None:
+                child.process.join(5)
+        self.read_reports(0.1)
+        return exitcodes.FAILURE
+
+    # -- reports and signals ----------------------------------------------------------------
+
+    def read_reports(self, timeout: float) -> None:
+        for name, kind, payload in drain_reports(self.channels.reports, timeout):
+            if kind == "counters":
+                for key, value in payload.items():
+                    self.totals[key] = self.totals.get(key, 0) + value
+            elif kind == "ready":
+                self._mark_ready(name, payload)
+            elif kind == "fatal":
+                self.fatal[name] = payload
+
+    def _mark_ready(self, name: str, payload: Any) -> None:
+        for child in self.children:
+            if child.name == name:
+                child.ready = True
+        if name.startswith("reader") and isinstance(payload, int):
+            self.listening_port = payload
+
+    def install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle_signal)
+
+    def handle_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+
+    # -- summaries --------------------------------------------------------------------------
+
+    def destinations(self) -> list[str]:
+        from workers.writer import destination_names
+
+        return destination_names(self.config)
+
+    def maybe_log_summary(self) -> None:
+        interval = self.config.pipeline.summary_interval
+        if interval and time.monotonic() - self.last_summary >= interval:
+            self.last_summary = time.monotonic()
+            self.log_summary()
+
+    def log_summary(self) -> None:
+        log.info("counters: %s", summary_line(self.totals, self.destinations()))

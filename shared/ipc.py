@@ -1,0 +1,135 @@
+"""Channels between processes, and what the supervisor hands every child.
+
+Batches travel over `MessageChannel`s: an AF_UNIX datagram socket pair shared by every
+sender and every receiver. Each batch is one datagram, so a send or a receive is atomic
+in the kernel: a process killed at any instant (SIGKILL included) can neither leave a
+half-written message nor hold a lock that its siblings wait for, which a
+`multiprocessing.Queue` cannot promise. The socket buffer bounds the channel in bytes;
+a full channel blocks a worker's send (backpressure) and fails a receiver's non-blocking
+send, which the receiver counts as a drop.
+
+Reports (counters, readiness) go to the supervisor over a plain `multiprocessing.Queue`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.queues
+import multiprocessing.synchronize
+import os
+import queue
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+STOP = b""
+REPORT_INTERVAL = 0.5
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+# What the kernel keeps per datagram beyond the payload, counted against the send buffer.
+_DATAGRAM_OVERHEAD = 1024
+
+
+class MessageChannel:
+    """Many senders, many receivers, whole messages only, bounded in bytes."""
+
+    def __init__(self, capacity: int) -> None:
+        self._send, self._recv = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        granted = _force_buffer(self._send, SO_SNDBUFFORCE, socket.SO_SNDBUF, capacity)
+        _force_buffer(self._recv, SO_RCVBUFFORCE, socket.SO_RCVBUF, capacity)
+        self.capacity = granted
+        self.max_message = granted - _DATAGRAM_OVERHEAD
+
+    def send(self, message: bytes, timeout: float | None = None) -> bool:
+        """Send, waiting up to `timeout` seconds (None: forever) for room. False if none came."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.send_nowait(message):
+                return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            _wait(self._send, select.POLLOUT, 0.1 if remaining is None else min(remaining, 0.1))
+
+    def send_nowait(self, message: bytes) -> bool:
+        if len(message) > self.max_message:
+            raise ValueError(f"message of {len(message)} bytes exceeds the channel's {self.max_message}")
+        try:
+            self._send.send(message, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        return True
+
+    def receive(self, timeout: float) -> bytes | None:
+        """The next message, or None if none came within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._recv.recv(self.max_message + 1, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            _wait(self._recv, select.POLLIN, remaining)
+
+    def pending_bytes(self) -> int:
+        """Bytes queued and not yet received (Linux SIOCOUTQ on the sending socket)."""
+        import fcntl
+        import struct
+        import termios
+
+        raw = fcntl.ioctl(self._send.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        return int(struct.unpack("i", raw)[0])
+
+
+def _force_buffer(sock: socket.socket, force: int, plain: int, size: int) -> int:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, plain, size)
+    return sock.getsockopt(socket.SOL_SOCKET, plain) // 2  # the kernel reports it doubled
+
+
+def _wait(sock: socket.socket, event: int, timeout: float) -> None:
+    poller = select.poll()
+    poller.register(sock.fileno(), event)
+    poller.poll(max(0, int(timeout * 1000)))
+
+
+@dataclass(frozen=True)
+class Channels:
+    raw: MessageChannel
+    encoded: MessageChannel
+    reports: multiprocessing.queues.Queue[tuple[str, str, Any]]
+    stop: multiprocessing.synchronize.Event
+
+
+def report(channels: Channels, name: str, kind: str, payload: Any = None) -> None:
+    """kind: "ready", "counters" (a delta dict), "latency" or "fatal" (one line)."""
+    channels.reports.put((name, kind, payload))
+
+
+def drain_reports(reports: multiprocessing.queues.Queue[Any], timeout: float) -> list[Any]:
+    items = []
+    try:
+        items.append(reports.get(timeout=timeout))
+        while True:
+            items.append(reports.get_nowait())
+    except queue.Empty:
+        pass
+    return items
+
+
+def start_parent_watch(parent_pid: int, on_orphan: Callable[[], None], interval: float = 1.0) -> None:
+    """Call `on_orphan()` once the supervisor is gone, so that no child outlives it."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        on_orphan()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
