@@ -20,6 +20,8 @@ import yaml
 
 BUTLER_SECTION = "Butler-SOS"
 OWN_SECTION = "senseflow"
+SECRET_KEYS = frozenset({"password", "token", "insertApiKey", "clientCertPassphrase"})
+"""Keys whose values are secrets: a config error names their type, never their value."""
 
 
 class Base(msgspec.Struct, frozen=True, rename="camel", kw_only=True):
@@ -292,9 +294,21 @@ def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> C
         document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([_not_utf8(path, exc)]) from exc
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}".replace("\n", " ")]) from exc
     return config_from_document(document, os.environ if env is None else env)
+
+
+def _not_utf8(path: str | Path, exc: UnicodeDecodeError) -> str:
+    before = exc.object[: exc.start]
+    line = before.count(b"\n") + 1
+    column = exc.start - (before.rfind(b"\n") + 1) + 1
+    return (
+        f"{path}: line {line}, column {column}: expected UTF-8 text, "
+        f"found byte 0x{exc.object[exc.start]:02x}"
+    )
 
 
 def config_from_document(document: Any, env: Any) -> Config:
@@ -383,7 +397,8 @@ def _problems(value: Any, info: msgspec.inspect.Type, path: str) -> list[str]:
     try:
         msgspec.convert(value, _python_type(info), strict=False)
     except msgspec.ValidationError as exc:
-        return [f"{path}: expected {_describe(info)}, found {_kind(value)}{_short(value)}"
+        shown = "" if path.rpartition(".")[2] in SECRET_KEYS else _short(value)
+        return [f"{path}: expected {_describe(info)}, found {_kind(value)}{shown}"
                 f"{_detail(exc)}"]
     return []
 
@@ -475,10 +490,11 @@ def _substitute_env(value: Any, env: Any, path: str, problems: list[str]) -> Any
 
     def replace(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        if name in env:
-            return str(env[name])
-        if default is not None:
-            return default
+        value = env.get(name)
+        if default is not None and not value:
+            return default  # as in the shell: `:-` also replaces a variable set but empty
+        if value is not None:
+            return str(value)
         problems.append(
             f"{path.removeprefix('$.')}: expected environment variable {name} to be set "
             f"(or a default, as ${{{name}:-value}}), found it unset"

@@ -1,14 +1,14 @@
-"""MQTT destination: a deep in-flight window over one aiomqtt connection.
+"""MQTT destination: a deep in-flight window with acknowledgements tracked in bulk.
 
-aiomqtt (on paho) owns the connection, TLS, authentication and the socket; we hand paho
-pre-encoded payloads directly and track acknowledgements in bulk instead of awaiting one
-publish at a time, which is what caps naive publishers near 2,000 messages/s.
+Each batch from the workers becomes, per connection write, one buffer of PUBLISH packets
+(payloads were pre-encoded by the workers); acknowledgements are scanned out of whole
+reads (see mqtt_protocol for why this does not go through paho).
 
-- At most `window` messages are with paho at once (paho's message ids are 16 bits, and
-  a bounded window keeps its own queues empty); the rest wait in our ordered backlog.
+- At most `maxInflight` messages await acknowledgement; the rest wait, in order, in our
+  backlog, bounded by `maxPending` (the writer waits when it is reached).
 - Every message is kept until the broker acknowledges it. After a reconnect, whatever
-  was in flight is published again, in order (QoS 1 is at-least-once: such duplicates
-  are counted as `mqtt.republished`).
+  was in flight is published again first, in order, with the DUP flag (QoS 1 is
+  at-least-once; such duplicates are counted as `mqtt.republished`).
 - An event counts as written once every message of its batch is acknowledged.
 """
 
@@ -16,31 +16,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import aiomqtt
-import paho.mqtt.client as paho
 
 from shared.backoff import Backoff
 from shared.config import Config
 from shared.counters import Counters
 from shared.events import ACTIONS, EncodedBatch
+from workers.sinks import mqtt_protocol as proto
 from workers.sinks.base import DestinationUnreachable
 
 log = logging.getLogger("senseflow.mqtt")
 
 NAME = "mqtt"
 CONNECT_TIMEOUT = 10.0
+KEEPALIVE = 30
+WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
+MAX_PACKET_ID = 0xFFFF
 
 
 @dataclass(slots=True)
 class Message:
     batch: int
-    topic: str
+    header: proto.TopicHeader
     payload: bytes
 
 
@@ -51,10 +53,14 @@ class BatchState:
     received_ns: list[int]
 
 
-def action_topics(config: Config) -> tuple[str | None, list[str | None]]:
+def topic_headers(config: Config) -> tuple[proto.TopicHeader | None, list[proto.TopicHeader | None]]:
     """The everything topic and the topic per action index (None where disabled)."""
     post_to = config.butler.user_events.send_to_mqtt.post_to
-    everything = post_to.everything_topic.topic if post_to.everything_topic.enable else None
+    qos = config.pipeline.mqtt.qos
+
+    def header(enabled: bool, topic: str) -> proto.TopicHeader | None:
+        return proto.TopicHeader(topic, qos) if enabled and topic else None
+
     per_action = [
         post_to.session_start_topic,
         post_to.session_stop_topic,
@@ -62,7 +68,8 @@ def action_topics(config: Config) -> tuple[str | None, list[str | None]]:
         post_to.connection_close_topic,
     ]
     assert len(per_action) == len(ACTIONS)
-    return everything, [t.topic if t.enable and t.topic else None for t in per_action]
+    everything = header(post_to.everything_topic.enable, post_to.everything_topic.topic)
+    return everything, [header(t.enable, t.topic) for t in per_action]
 
 
 class MqttSink:
@@ -74,44 +81,36 @@ class MqttSink:
         counters: Counters,
         on_delivered: Callable[[str, list[int]], None] | None = None,
     ) -> None:
-        self.config = config
+        self.broker = config.butler.mqtt_config
         self.options = config.pipeline.mqtt
         self.counters = counters
         self.on_delivered = on_delivered
-        self.everything, self.per_action = action_topics(config)
-        self.window = self.options.max_inflight
+        self.everything, self.per_action = topic_headers(config)
+        self.qos = self.options.qos
+        self.window = min(self.options.max_inflight, MAX_PACKET_ID - 1)
         self.max_pending = max(self.options.max_pending, self.window)
+        self.client_id = self.options.client_id or f"senseflow-{os.getpid()}"
         self.backlog: deque[Message] = deque()
         self.inflight: dict[int, Message] = {}
         self.batches: dict[int, BatchState] = {}
         self.next_batch = 0
+        self.next_id = 1
         self.outstanding = 0
-        self.client: aiomqtt.Client | None = None
-        self.paho: Any = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
         self.connected = False
-        self.refill_scheduled = False
+        self.last_heard = 0.0
         self.room = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
         self.backoff = Backoff(base=0.2, cap=10.0)
-        self.supervisor: asyncio.Task[None] | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def address(self) -> str:
+        return f"{self.broker.broker_host}:{self.broker.broker_port}"
 
     # -- connection -------------------------------------------------------------------------
-
-    def make_client(self) -> aiomqtt.Client:
-        broker = self.config.butler.mqtt_config
-        opts = self.options
-        return aiomqtt.Client(
-            hostname=broker.broker_host,
-            port=broker.broker_port,
-            username=opts.username or None,
-            password=opts.password or None,
-            identifier=opts.client_id or None,
-            tls_context=self.tls_context(),
-            max_inflight_messages=self.window,
-            timeout=CONNECT_TIMEOUT,
-            keepalive=30,
-        )
 
     def tls_context(self) -> ssl.SSLContext | None:
         tls = self.options.tls
@@ -126,67 +125,109 @@ class MqttSink:
         return context
 
     async def connect(self) -> None:
-        client = self.make_client()
         try:
-            await asyncio.wait_for(client.__aenter__(), CONNECT_TIMEOUT)
-        except (aiomqtt.MqttError, TimeoutError, OSError) as exc:
-            broker = self.config.butler.mqtt_config
-            raise DestinationUnreachable(
-                f"MQTT broker {broker.broker_host}:{broker.broker_port}: {exc or 'timed out'}"
-            ) from exc
-        self.client = client
-        self.paho = client._client  # noqa: SLF001 - paho underneath aiomqtt, for bulk publishing
-        self.paho.on_publish = self._on_publish
+            await asyncio.wait_for(self._handshake(), CONNECT_TIMEOUT)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, proto.ProtocolError) as exc:
+            await self._close_stream()
+            reason = str(exc) or type(exc).__name__
+            raise DestinationUnreachable(f"MQTT broker {self.address}: {reason}") from exc
         self.connected = True
+        self.last_heard = time.monotonic()
         self.backoff.reset()
+
+    async def _handshake(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(
+            self.broker.broker_host, self.broker.broker_port, ssl=self.tls_context()
+        )
+        self.writer.write(
+            proto.connect_packet(
+                self.client_id, KEEPALIVE, self.options.username or None, self.options.password or None
+            )
+        )
+        proto.check_connack(await self.reader.readexactly(4))
+
+    async def _close_stream(self) -> None:
+        writer, self.writer, self.reader = self.writer, None, None
+        self.connected = False
+        if writer is None:
+            return
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), 2.0)
+        except (OSError, TimeoutError):
+            pass
 
     async def start(self) -> None:
         await self.connect()
-        self.supervisor = asyncio.create_task(self._supervise(), name="writer.mqtt.connection")
+        self.tasks = [
+            asyncio.create_task(self._connection_loop(), name="writer.mqtt.connection"),
+            asyncio.create_task(self._keepalive_loop(), name="writer.mqtt.keepalive"),
+        ]
 
-    async def _supervise(self) -> None:
-        """Wait for the connection to drop, then reconnect with backoff and resend."""
+    async def _connection_loop(self) -> None:
+        """Read acknowledgements until the connection drops; then reconnect and resend."""
         while True:
-            assert self.client is not None
-            disconnected = self.client._disconnected  # noqa: SLF001 - aiomqtt has no public hook
             try:
-                await asyncio.shield(disconnected)
-            except Exception as exc:  # whatever paho reported as the cause
-                log.warning("MQTT connection lost: %s", exc)
-            else:
-                log.warning("MQTT connection closed")
-            self.connected = False
-            await self._release_client()
+                await self._read_loop()
+            except (OSError, asyncio.IncompleteReadError, proto.ProtocolError) as exc:
+                log.warning("MQTT connection to %s lost: %s", self.address, exc or type(exc).__name__)
+            await self._close_stream()
             await self._reconnect()
+
+    async def _read_loop(self) -> None:
+        assert self.reader is not None
+        buffer = bytearray()
+        while True:
+            data = await self.reader.read(65536)
+            if not data:
+                raise ConnectionError("closed by the broker")
+            self.last_heard = time.monotonic()
+            buffer += data
+            packets, used = proto.scan_packets(buffer)
+            del buffer[:used]
+            self._handle(packets)
+
+    def _handle(self, packets: list[tuple[int, int]]) -> None:
+        releases = []
+        for kind, packet_id in packets:
+            if kind == proto.PUBACK or kind == proto.PUBCOMP:
+                message = self.inflight.pop(packet_id, None)
+                if message is not None:
+                    self._acknowledged(message)
+            elif kind == proto.PUBREC:
+                releases.append(proto.pubrel_packet(packet_id))
+        if releases and self.writer is not None:
+            self.writer.write(b"".join(releases))
+        self._refill()
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(KEEPALIVE / 2)
+            if not self.connected or self.writer is None:
+                continue
+            if time.monotonic() - self.last_heard > KEEPALIVE * 1.5:
+                log.warning("MQTT broker %s silent for %ds; reconnecting", self.address, KEEPALIVE)
+                self.writer.transport.abort()
+                continue
+            self.writer.write(proto.PINGREQ_PACKET)
 
     async def _reconnect(self) -> None:
         while True:
-            delay = self.backoff.next_delay()
-            await asyncio.sleep(delay)
+            await asyncio.sleep(self.backoff.next_delay())
             try:
                 await self.connect()
             except DestinationUnreachable as exc:
+                self.counters.add("retries.mqtt")
                 log.warning("MQTT reconnect failed (%s); retrying", exc)
                 continue
-            resend = [self.inflight[mid] for mid in sorted(self.inflight, key=self._order)]
+            resend = list(self.inflight.values())
             self.inflight.clear()
             self.backlog.extendleft(reversed(resend))
             self.counters.add("mqtt.republished", len(resend))
-            log.info("MQTT reconnected; publishing %d unacknowledged message(s) again", len(resend))
-            self._refill()
+            log.info("MQTT reconnected to %s; resending %d unacknowledged message(s)",
+                     self.address, len(resend))
+            self._refill(dup=len(resend))
             return
-
-    def _order(self, mid: int) -> int:
-        return self.inflight[mid].batch
-
-    async def _release_client(self) -> None:
-        client, self.client = self.client, None
-        if client is None:
-            return
-        try:
-            await asyncio.wait_for(client.__aexit__(None, None, None), 2.0)
-        except (aiomqtt.MqttError, TimeoutError, OSError):
-            pass
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -203,6 +244,12 @@ class MqttSink:
         self.idle.clear()
         self.backlog.extend(messages)
         self._refill()
+        writer = self.writer
+        if writer is not None and writer.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            try:
+                await writer.drain()
+            except OSError:
+                pass  # the connection loop notices and reconnects
 
     def _messages(self, batch: EncodedBatch) -> list[Message]:
         seq = self.next_batch
@@ -211,34 +258,41 @@ class MqttSink:
         for payload, action in zip(batch.mqtt_payloads, batch.actions, strict=True):
             if everything is not None:
                 messages.append(Message(seq, everything, payload))
-            topic = per_action[action]
-            if topic is not None:
-                messages.append(Message(seq, topic, payload))
+            header = per_action[action]
+            if header is not None:
+                messages.append(Message(seq, header, payload))
         return messages
 
-    def _refill(self) -> None:
-        """Move messages from the backlog to paho while the window has room."""
-        self.refill_scheduled = False
-        qos = self.options.qos
-        while self.connected and self.backlog and len(self.inflight) < self.window:
-            message = self.backlog.popleft()
-            info = self.paho.publish(message.topic, message.payload, qos)
-            if info.rc != paho.MQTT_ERR_SUCCESS:
-                self.backlog.appendleft(message)
-                return
-            if qos == 0 or info.is_published():
-                self._acknowledged(message)
-            else:
-                self.inflight[info.mid] = message
+    def _refill(self, dup: int = 0) -> None:
+        """Move messages from the backlog onto the wire while the window has room.
 
-    def _on_publish(self, client: Any, userdata: Any, mid: int, *args: Any) -> None:
-        message = self.inflight.pop(mid, None)
-        if message is None:
+        The first `dup` messages are resends after a reconnect and carry the DUP flag.
+        """
+        if not self.connected or self.writer is None or not self.backlog:
             return
-        self._acknowledged(message)
-        if self.backlog and not self.refill_scheduled:
-            self.refill_scheduled = True
-            asyncio.get_running_loop().call_soon(self._refill)
+        packets = []
+        sent = []
+        backlog, inflight = self.backlog, self.inflight
+        while backlog and len(inflight) < self.window:
+            message = backlog.popleft()
+            if self.qos:
+                packet_id = self._take_packet_id()
+                inflight[packet_id] = message
+                packets.append(message.header.packet(packet_id, message.payload, dup > 0))
+                dup -= 1
+            else:
+                packets.append(message.header.packet(0, message.payload))
+                sent.append(message)
+        self.writer.write(b"".join(packets))
+        for message in sent:  # QoS 0: handed to the connection is all there is
+            self._acknowledged(message)
+
+    def _take_packet_id(self) -> int:
+        packet_id = self.next_id
+        while packet_id in self.inflight:
+            packet_id = packet_id % MAX_PACKET_ID + 1
+        self.next_id = packet_id % MAX_PACKET_ID + 1
+        return packet_id
 
     def _acknowledged(self, message: Message) -> None:
         state = self.batches[message.batch]
@@ -249,7 +303,6 @@ class MqttSink:
             self.counters.add("written.mqtt", state.events)
             if self.on_delivered is not None:
                 self.on_delivered(NAME, state.received_ns)
-        self.counters.add("mqtt.messages", 1)
         self.room.set()
         if not self.outstanding:
             self.idle.set()
@@ -259,7 +312,9 @@ class MqttSink:
 
     async def close(self) -> None:
         await self.flush()
-        if self.supervisor is not None:
-            self.supervisor.cancel()
-            await asyncio.gather(self.supervisor, return_exceptions=True)
-        await self._release_client()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.writer is not None and self.connected:
+            self.writer.write(proto.DISCONNECT_PACKET)
+        await self._close_stream()
