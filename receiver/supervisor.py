@@ -62,6 +62,7 @@ class Child:
             target=child_main, args=(self.target, self.args), name=self.name
         )
         self.process.start()
+        log.info("started %s (pid %s)", self.name, self.process.pid)
 
     @property
     def alive(self) -> bool:

@@ -25,11 +25,12 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -68,13 +69,25 @@ _PRCTL = _load_prctl()  # looked up here: the child may only call it (no dlopen 
 
 
 def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it when the spawning thread dies (Linux).
+    """Runs in the child before exec: SIGKILL it when its parent dies (Linux).
 
-    A test run killed hard then leaves no server behind. Start servers from a thread
-    that outlives them (the main thread), since the signal follows the spawning thread.
+    A test run killed hard then leaves no server behind. Only used when starting from
+    the main thread: the signal follows the spawning *thread*, so a server started from
+    a worker thread (asyncio.to_thread) would die when that thread ends.
     """
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout)
 
 
 class _ServerProcess:
@@ -82,7 +95,7 @@ class _ServerProcess:
 
     name = "server"
 
-    def __init__(self, workdir: str | Path | None, startup_timeout: float) -> None:
+    def __init__(self, workdir: str | os.PathLike[str] | None, startup_timeout: float) -> None:
         self._owns_dir = workdir is None
         if workdir is None:
             workdir = tempfile.mkdtemp(prefix=f"senseflow-{self.name}-")
@@ -124,16 +137,17 @@ class _ServerProcess:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, wait up to `timeout` s, then SIGKILL; returns the exit code (None if idle)."""
-        process, self._process, self.pid = self._process, None, None
+        process = self._process
         if process is None:
             return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                return process.wait(timeout)
-            except subprocess.TimeoutExpired:
+        try:
+            _terminate(process, timeout)
+        finally:  # also when interrupted: never leave the process running or unreaped
+            if process.poll() is None:
                 process.kill()
-        return process.wait()
+            process.wait()
+            self._process, self.pid = None, None
+        return process.returncode
 
     def close(self) -> None:
         """Stop the server and remove the work directory if this object created it."""
@@ -184,20 +198,22 @@ class _ServerProcess:
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
                 env=self._environment(),
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent if _on_main_thread() else None,
             )
         self.pid = self._process.pid
 
     def _wait_ready(self) -> None:
+        assert self._process is not None
         deadline = time.monotonic() + self.startup_timeout
         while not self._is_ready():
-            assert self._process is not None
-            code = self._process.poll()
-            if code is not None:
-                raise self._failure(f"exited with code {code} during start-up")
+            if self._process.poll() is not None:
+                break
             if time.monotonic() > deadline:
                 raise self._failure(f"not ready after {self.startup_timeout:g} s")
             time.sleep(_POLL_INTERVAL)
+        code = self._process.poll()  # ready, but maybe someone else answering on our port
+        if code is not None:
+            raise self._failure(f"exited with code {code} during start-up")
 
     def _failure(self, what: str) -> ServerError:
         return ServerError(
@@ -213,7 +229,7 @@ class InfluxServer(_ServerProcess):
 
     def __init__(
         self,
-        workdir: str | Path | None = None,
+        workdir: str | os.PathLike[str] | None = None,
         *,
         port: int | None = None,
         binary: str = "influxd",
@@ -297,7 +313,7 @@ class MosquittoServer(_ServerProcess):
 
     def __init__(
         self,
-        workdir: str | Path | None = None,
+        workdir: str | os.PathLike[str] | None = None,
         *,
         port: int | None = None,
         username: str | None = None,
@@ -322,6 +338,9 @@ class MosquittoServer(_ServerProcess):
             "log_dest stderr",
             "log_type error",
             "log_type warning",
+            # Test subscribers are slow consumers: queue for them without limit rather than
+            # drop QoS 1 messages past mosquitto's default of 1000 queued per client.
+            "max_queued_messages 0",
             # As root mosquitto would switch to user 'mosquitto', which cannot read our files.
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
         ]

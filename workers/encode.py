@@ -5,13 +5,17 @@ keys, tag values and field keys escape `,`, `=` and space; string field values e
 `"` and `\\`. Two limits of the protocol itself are handled here: a line break cannot be
 expressed anywhere in a line, so none is ever emitted (the parser already strips control
 characters), and InfluxDB 1.x cannot store a tag value (or key) that ends in a
-backslash, so trailing backslashes are trimmed from tags; the `*_field` string fields
-always carry the exact value.
+backslash, so trailing backslashes are trimmed from tags. Backslashes right before a space
+are dropped from tags too: InfluxDB 1.x's line splitter reads `\\\\ ` as an escaped
+backslash and an unescaped space, loses track of quotes after it and can then merge the
+next line into this one, rejecting both points. The `*_field` string fields always carry
+the exact value (line breaks removed).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 
 import msgspec
@@ -22,14 +26,19 @@ from shared.events import UserEvent
 MEASUREMENT = "user_events"
 NEW_RELIC_EVENT_TYPE = "qs_userEvent"
 
-_TAG_ESCAPES = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ ", "\n": None, "\r": None})
+_TAG_ESCAPES = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ "})
+_LINE_BREAKS = str.maketrans({"\n": None, "\r": None})
+_BACKSLASHES_BEFORE_SPACE = re.compile(r"\\+(?= )")
 _FIELD_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": None, "\r": None})
 _CACHE_LIMIT = 65536
 
 
 def escape_tag(value: str) -> str:
     """Escape a tag key or value; '' means the tag must be left out."""
-    return value.rstrip("\\").translate(_TAG_ESCAPES)
+    value = value.translate(_LINE_BREAKS).rstrip("\\")  # breaks first: "a\\\n" ends in "\\"
+    if "\\ " in value:
+        value = _BACKSLASHES_BEFORE_SPACE.sub("", value)
+    return value.translate(_TAG_ESCAPES)
 
 
 def escape_field_string(value: str) -> str:

@@ -42,12 +42,15 @@ SHORT_ACTIONS = (
 )
 
 # U+0000-U+001F and U+007F; none of them is `;`, so stripping before splitting is exact.
-_CONTROL = dict.fromkeys([*range(0x20), 0x7F])
+# Line breaks are kept in the message alone (it is free text, and operators want it as
+# sent); every other field loses them too.
+_LINE_BREAKS = dict.fromkeys([0x0A, 0x0D])
+_CONTROL_BUT_LINE_BREAKS = dict.fromkeys([c for c in [*range(0x20), 0x7F] if c not in _LINE_BREAKS])
 _SHORT_USER = re.compile(r"'([^'\\]*)\\([^']*)'")
 
 
 def parse_datagram(data: bytes, received_ns: int) -> UserEvent | str:
-    text = data.decode("utf-8", "replace").translate(_CONTROL)
+    text = data.decode("utf-8", "replace").translate(_CONTROL_BUT_LINE_BREAKS)
     head, sep, _ = text.partition(";")
     source = head.strip().strip("/").lower()
     if source in (SOURCE_SESSION, SOURCE_CONNECTION):
@@ -61,6 +64,8 @@ def _parse_butler(text: str, source: str, received_ns: int) -> UserEvent | str:
     fields = text.split(";", 7)
     if len(fields) < 8:
         return "too_few_fields"
+    if _has_line_break(text, len(fields[7])):
+        fields[1:7] = [f.translate(_LINE_BREAKS) for f in fields[1:7]]
     _, host, command, directory, user_id, origin, context, message = fields
     command = command[:CAP_NAME]
     if command not in BUTLER_COMMANDS:
@@ -74,13 +79,22 @@ def _parse_short(text: str, source: str, received_ns: int) -> UserEvent | str:
     fields = text.split(";", 4)
     if len(fields) < 5:
         return "too_few_fields"
+    if _has_line_break(text, len(fields[4])):
+        fields[1:4] = [f.translate(_LINE_BREAKS) for f in fields[1:4]]
     _, host, subsystem, context, message = fields
-    command = _short_action(message)
+    flat_message = message.translate(_LINE_BREAKS)
+    command = _short_action(flat_message)
     if command is None:
         return "unknown_action"
-    match = _SHORT_USER.search(message)
+    match = _SHORT_USER.search(flat_message)
     directory, user_id = match.groups() if match else ("", "")
     return _build(source, host, command, directory, user_id, subsystem, context, message, received_ns)
+
+
+def _has_line_break(text: str, message_length: int) -> bool:
+    """Whether a line break stands anywhere before the message (rare: checked, not assumed)."""
+    end = len(text) - message_length
+    return text.find("\n", 0, end) >= 0 or text.find("\r", 0, end) >= 0
 
 
 def _short_action(message: str) -> str | None:

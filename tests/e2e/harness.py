@@ -1,0 +1,203 @@
+"""Drives the real `senseflow run` in its own process group, with real UDP on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shared.localservers import InfluxServer, MosquittoServer, free_ports
+
+SENSEFLOW = [sys.executable, "-m", "receiver.cli"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_config(
+    path: Path,
+    udp_port: int,
+    influx: InfluxServer | None = None,
+    database: str = "",
+    broker: MosquittoServer | None = None,
+    **pipeline: Any,
+) -> Path:
+    butler: dict[str, Any] = {
+        "userEvents": {
+            "udpServerConfig": {"serverHost": "127.0.0.1", "portUserActivityEvents": udp_port},
+            "tags": [{"name": "qs_env", "value": "test"}],
+            "sendToInfluxdb": {"enable": influx is not None},
+            "sendToMQTT": {"enable": broker is not None},
+        },
+        "influxdbConfig": {"enable": False},
+        "mqttConfig": {"enable": False},
+    }
+    if influx is not None:
+        butler["influxdbConfig"] = {
+            "enable": True, "host": "127.0.0.1", "port": influx.port, "version": 1,
+            "v1Config": {"dbName": database, "retentionPolicy": {"name": "autogen"}},
+        }
+    if broker is not None:
+        butler["mqttConfig"] = {"enable": True, "brokerHost": broker.host, "brokerPort": broker.port}
+    document = {"Butler-SOS": butler, "senseflow": {"summaryInterval": 1, **pipeline}}
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    return path
+
+
+class Service:
+    """`senseflow run` as a child process group; always stopped by the fixture."""
+
+    def __init__(self, config: Path, log_path: Path, *flags: str) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [*SENSEFLOW, "run", "--config", str(config), *flags],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+        )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_running(self, timeout: float = 30.0) -> None:
+        self.wait_for_log("senseflow running", timeout)
+
+    def wait_for_log(self, text: str, timeout: float = 30.0, after: int = 0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log[after:]:
+            if self.process.poll() is not None:
+                raise AssertionError(f"senseflow exited ({self.process.returncode}):\n{self.log}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in the log within {timeout}s:\n{self.log}")
+            time.sleep(0.05)
+
+    def child_pids(self, name: str) -> list[int]:
+        return [int(pid) for pid in re.findall(rf"started {re.escape(name)} \(pid (\d+)\)", self.log)]
+
+    def group_pids(self) -> list[int]:
+        """Every live process in the service's process group."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rpartition(")")[2].split()
+            if int(fields[2]) == self.process.pid and fields[0] != "Z":
+                pids.append(int(entry.name))
+        return pids
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        for pid in self.group_pids():
+            os.kill(pid, signal.SIGKILL)
+        self._log.close()
+
+    def counters(self) -> dict[str, int]:
+        """The last counters line the supervisor logged."""
+        lines = [line for line in self.log.splitlines() if "counters: " in line]
+        assert lines, self.log
+        return {k: int(v) for k, v in re.findall(r"([\w.]+)=(\d+)", lines[-1].split("counters: ", 1)[1])}
+
+    def wait_counter(self, name: str, value: int, timeout: float = 60.0) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        while True:
+            counters = self.counters() if "counters: " in self.log else {}
+            if counters.get(name, 0) >= value:
+                return counters
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} reached {counters.get(name)} not {value}:\n{self.log[-3000:]}")
+            time.sleep(0.2)
+
+
+class Subscriber:
+    """mosquitto_sub writing every message (topic and payload) to a file."""
+
+    def __init__(self, broker: MosquittoServer, topic: str, path: Path) -> None:
+        self.path = path
+        self._out = open(path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            ["mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-t", topic, "-q", "1",
+             "-v", "-i", f"test-sub-{os.getpid()}-{time.monotonic_ns()}"],
+            stdout=self._out, stderr=subprocess.DEVNULL,
+        )
+        self._wait_subscribed(broker)
+
+    def _wait_subscribed(self, broker: MosquittoServer) -> None:
+        probe_topic = "qliksense/userevent/__probe__"
+        deadline = time.monotonic() + 10
+        while b"__probe__" not in self.path.read_bytes():
+            subprocess.run(
+                ["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-t", probe_topic, "-m", "x"],
+                check=True, timeout=10,
+            )
+            time.sleep(0.1)
+            assert time.monotonic() < deadline, "subscriber never received the probe"
+
+    def messages(self) -> list[tuple[str, str]]:
+        result = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            topic, _, payload = line.partition(" ")
+            if not topic.endswith("__probe__"):
+                result.append((topic, payload))
+        return result
+
+    def wait_count(self, count: int, timeout: float = 60.0) -> list[tuple[str, str]]:
+        deadline = time.monotonic() + timeout
+        while len(messages := self.messages()) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)  # anything beyond `count` would be a duplicate; let it show up
+        return self.messages()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        self._out.close()
+
+
+def send_paced(port: int, datagrams: Iterable[bytes], rate: float, sources: int = 4) -> int:
+    """Send at a steady `rate` per second from `sources` sockets; returns how many were sent."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(sources)]
+    try:
+        start = time.monotonic()
+        sent = 0
+        for datagram in datagrams:
+            sockets[sent % sources].sendto(datagram, ("127.0.0.1", port))
+            sent += 1
+            if sent % 200 == 0:
+                ahead = sent / rate - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
+        return sent
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def influx_count(influx: InfluxServer, database: str, where: str = "") -> int:
+    result = influx.query(f"SELECT count(userId_field) FROM user_events {where}", db=database)
+    series = result["results"][0].get("series")
+    return int(series[0]["values"][0][1]) if series else 0
+
+
+def udp_port() -> int:
+    return free_ports(1)[0]
