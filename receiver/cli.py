@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     add_parse_command(commands)
     add_run_command(commands)
+    add_send_command(commands)
     return parser
 
 
@@ -105,6 +106,12 @@ def run_service(args: argparse.Namespace) -> int:
     _app_names(config)  # fail now, not in every worker, if the mapping file is bad
     setup_logging(config.pipeline.log_level, config.pipeline.log_format, "supervisor")
     return Supervisor(config).run()
+
+
+def add_send_command(commands: Any) -> None:
+    from shared.loadgen import add_send_command as add
+
+    add(commands)
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
