@@ -74,7 +74,7 @@ class Child:
 
     def next_restart_delay(self, now: float) -> float:
         self.restarts = [t for t in self.restarts if now - t < STORM_WINDOW] + [now]
-        return min(MAX_RESTART_DELAY, 0.5 * 2 ** (len(self.restarts) - 1))
+        return float(min(MAX_RESTART_DELAY, 0.5 * 2 ** (len(self.restarts) - 1)))
 
     def storming(self) -> bool:
         return len(self.restarts) > STORM_RESTARTS

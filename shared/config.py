@@ -32,39 +32,39 @@ class Own(msgspec.Struct, frozen=True, rename="camel", kw_only=True, forbid_unkn
     """Our own section: camelCase keys, unknown keys are errors."""
 
 
-class NameValue(Base):
+class NameValue(Base, frozen=True):
     name: str
     value: str
 
 
-class ExcludeUser(Base):
+class ExcludeUser(Base, frozen=True):
     directory: str
     user_id: str
 
 
-class MessageQueue(Base):
+class MessageQueue(Base, frozen=True):
     max_concurrent: int = 10
     max_size: int = 200
     backpressure_threshold: int = 80
 
 
-class RateLimit(Base):
+class RateLimit(Base, frozen=True):
     enable: bool = False
     max_messages_per_minute: int = 600
 
 
-class QueueMetricsInflux(Base):
+class QueueMetricsInflux(Base, frozen=True):
     enable: bool = False
     write_frequency: int = 20000
     measurement_name: str = "user_events_queue"
     tags: list[NameValue] | None = None
 
 
-class QueueMetrics(Base):
+class QueueMetrics(Base, frozen=True):
     influxdb: QueueMetricsInflux = QueueMetricsInflux()
 
 
-class UdpServerConfig(Base):
+class UdpServerConfig(Base, frozen=True):
     server_host: str = "0.0.0.0"
     port_user_activity_events: int = 9997
     message_queue: MessageQueue = MessageQueue()
@@ -75,12 +75,12 @@ class UdpServerConfig(Base):
     queue_metrics: QueueMetrics = QueueMetrics()
 
 
-class Topic(Base):
+class Topic(Base, frozen=True):
     enable: bool = True
     topic: str = ""
 
 
-class PostTo(Base):
+class PostTo(Base, frozen=True):
     everything_topic: Topic = Topic(topic="qliksense/userevent")
     session_start_topic: Topic = Topic(topic="qliksense/userevent/session/start")
     session_stop_topic: Topic = Topic(topic="qliksense/userevent/session/stop")
@@ -88,26 +88,26 @@ class PostTo(Base):
     connection_close_topic: Topic = Topic(topic="qliksense/userevent/connection/close")
 
 
-class SendToMqtt(Base):
+class SendToMqtt(Base, frozen=True):
     enable: bool = False
     post_to: PostTo = PostTo()
 
 
-class Enable(Base):
+class Enable(Base, frozen=True):
     enable: bool = False
 
 
-class SendToInflux(Base):
+class SendToInflux(Base, frozen=True):
     enable: bool = True
 
 
-class SendToNewRelic(Base):
+class SendToNewRelic(Base, frozen=True):
     enable: bool = False
     destination_account: list[str] | None = None
     scramble: bool = True
 
 
-class UserEvents(Base):
+class UserEvents(Base, frozen=True):
     enable: bool = True
     exclude_user: list[ExcludeUser] | None = None
     udp_server_config: UdpServerConfig = UdpServerConfig()
@@ -117,36 +117,36 @@ class UserEvents(Base):
     send_to_new_relic: SendToNewRelic = SendToNewRelic()
 
 
-class InfluxAuth(Base):
+class InfluxAuth(Base, frozen=True):
     enable: bool = False
     username: str = ""
     password: str = ""
 
 
-class RetentionPolicy(Base):
+class RetentionPolicy(Base, frozen=True):
     name: str = "autogen"
     duration: str = "0s"
 
 
-class InfluxV1(Base):
+class InfluxV1(Base, frozen=True):
     auth: InfluxAuth = InfluxAuth()
     db_name: str = "senseops"
     retention_policy: RetentionPolicy = RetentionPolicy()
 
 
-class InfluxV2(Base):
+class InfluxV2(Base, frozen=True):
     org: str = ""
     bucket: str = ""
     token: str = ""
 
 
-class InfluxV3(Base):
+class InfluxV3(Base, frozen=True):
     database: str = ""
     token: str = ""
     write_timeout: int = 10000
 
 
-class InfluxdbConfig(Base):
+class InfluxdbConfig(Base, frozen=True):
     enable: bool = False
     host: str = "127.0.0.1"
     port: int = 8086
@@ -157,45 +157,45 @@ class InfluxdbConfig(Base):
     v3_config: InfluxV3 = InfluxV3()
 
 
-class MqttConfig(Base):
+class MqttConfig(Base, frozen=True):
     enable: bool = False
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
     base_topic: str = "butler-sos/"
 
 
-class NewRelicEventAttributes(Base):
+class NewRelicEventAttributes(Base, frozen=True):
     static: list[NameValue] | None = None
 
 
-class NewRelicEvent(Base):
+class NewRelicEvent(Base, frozen=True):
     url: str = "https://insights-collector.eu01.nr-data.net"
     header: list[NameValue] | None = None
     attribute: NewRelicEventAttributes = NewRelicEventAttributes()
 
 
-class NewRelic(Base):
+class NewRelic(Base, frozen=True):
     enable: bool = False
     event: NewRelicEvent = NewRelicEvent()
 
 
-class NewRelicAccount(Base):
+class NewRelicAccount(Base, frozen=True):
     account_name: str
     insert_api_key: str
     account_id: str
 
 
-class ThirdPartyCredentials(Base):
+class ThirdPartyCredentials(Base, frozen=True):
     new_relic: list[NewRelicAccount] | None = None
 
 
-class AppNames(Base):
+class AppNames(Base, frozen=True):
     enable_app_name_extract: bool = False
     extract_interval: int = 60000
     host_ip: str = msgspec.field(default="", name="hostIP")
 
 
-class Cert(Base):
+class Cert(Base, frozen=True):
     client_cert: str = ""
     client_cert_key: str = ""
     client_cert_ca: str = msgspec.field(default="", name="clientCertCA")
@@ -203,22 +203,22 @@ class Cert(Base):
     client_cert_passphrase: str | None = ""
 
 
-class EventCountInflux(Base):
+class EventCountInflux(Base, frozen=True):
     measurement_name: str = "event_count"
     tags: list[NameValue] | None = None
 
 
-class EventCount(Base):
+class EventCount(Base, frozen=True):
     enable: bool = False
     influxdb: EventCountInflux = EventCountInflux()
 
 
-class QlikSenseEvents(Base):
+class QlikSenseEvents(Base, frozen=True):
     influxdb: QueueMetricsInflux = QueueMetricsInflux()
     event_count: EventCount = EventCount()
 
 
-class ButlerSOS(Base):
+class ButlerSOS(Base, frozen=True):
     user_events: UserEvents = UserEvents()
     influxdb_config: InfluxdbConfig = InfluxdbConfig()
     mqtt_config: MqttConfig = MqttConfig()
@@ -229,7 +229,7 @@ class ButlerSOS(Base):
     qlik_sense_events: QlikSenseEvents = QlikSenseEvents()
 
 
-class MqttTls(Own):
+class MqttTls(Own, frozen=True):
     enable: bool = False
     ca_file: str = ""
     cert_file: str = ""
@@ -237,7 +237,7 @@ class MqttTls(Own):
     insecure: bool = False
 
 
-class MqttOptions(Own):
+class MqttOptions(Own, frozen=True):
     qos: Literal[0, 1, 2] = 1
     username: str = ""
     password: str = ""
@@ -247,7 +247,7 @@ class MqttOptions(Own):
     max_pending: int = 200_000
 
 
-class Pipeline(Own):
+class Pipeline(Own, frozen=True):
     """Pipeline tuning, the `senseflow` section; CLI flags override these."""
 
     readers: int = 1
@@ -373,7 +373,7 @@ def _check_new_relic_accounts(butler: ButlerSOS) -> list[str]:
 def _problems(value: Any, info: msgspec.inspect.Type, path: str) -> list[str]:
     """Validate field by field, so that every problem is reported, not only the first."""
     if isinstance(info, msgspec.inspect.StructType) and isinstance(value, dict):
-        problems = []
+        problems: list[str] = []
         by_name = {f.encode_name: f for f in info.fields}
         if info.forbid_unknown_fields:
             problems.extend(

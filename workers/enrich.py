@@ -64,11 +64,13 @@ class UserAgentParser:
         if not agent:
             return _NO_UA
         result = self._parser(agent, Domain.USER_AGENT | Domain.OS)
+        name = major = os_name = os_version = ""
         browser, os_ = result.user_agent, result.os
-        name = browser.family if browser and browser.family != "Other" else ""
-        major = (browser.major or "") if name else ""
-        os_name = os_.family if os_ and os_.family != "Other" else ""
-        os_version = ".".join(p for p in (os_.major, os_.minor, os_.patch) if p) if os_name else ""
+        if browser is not None and browser.family != "Other":
+            name, major = browser.family, browser.major or ""
+        if os_ is not None and os_.family != "Other":
+            os_name = os_.family
+            os_version = ".".join(p for p in (os_.major, os_.minor, os_.patch) if p)
         return (name, major, os_name, os_version)
 
 
