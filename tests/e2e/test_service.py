@@ -11,7 +11,7 @@ from collections import Counter
 import orjson
 import pytest
 
-from benchmarks.corpus import make_corpus
+from shared.corpus import make_corpus
 from shared.config import Config
 from shared.localservers import InfluxServer
 from tests.e2e.conftest import StartService
