@@ -1,0 +1,136 @@
+"""The writer's spool: append, acknowledge per destination, recover after a kill, bound."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from workers.spool import Spool
+
+DESTINATIONS = ["influxdb", "mqtt"]
+
+
+def fill(spool: Spool, count: int, size: int = 100) -> list[bytes]:
+    payloads = [bytes([i % 256]) * size for i in range(count)]
+    for payload in payloads:
+        spool.append(payload, events=3)
+    return payloads
+
+
+def test_records_read_back_exactly(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, DESTINATIONS, segment_bytes=1000)
+    payloads = fill(spool, 30)
+    assert [spool.read(seq) for seq in range(30)] == payloads
+    assert list(spool.pending("influxdb")) == list(range(30))
+    assert spool.events_in(7) == 3
+    spool.close()
+
+
+def test_cursor_moves_only_over_contiguous_acks(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, DESTINATIONS)
+    fill(spool, 5)
+    spool.ack("mqtt", 2)
+    spool.ack("mqtt", 0)
+    assert spool.cursors["mqtt"] == 1
+    spool.ack("mqtt", 1)
+    assert spool.cursors["mqtt"] == 3
+    assert spool.cursors["influxdb"] == 0
+    spool.close()
+
+
+def test_segments_deleted_once_every_destination_acked(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, DESTINATIONS, segment_bytes=500)
+    fill(spool, 20)
+    before = len(list(tmp_path.glob("segment-*.log")))
+    for seq in range(20):
+        spool.ack("influxdb", seq)
+    assert len(list(tmp_path.glob("segment-*.log"))) == before  # mqtt still needs them
+    for seq in range(20):
+        spool.ack("mqtt", seq)
+    assert len(list(tmp_path.glob("segment-*.log"))) == 1  # the one being written stays
+    spool.close()
+
+
+def test_restart_replays_what_was_not_acknowledged(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, DESTINATIONS, segment_bytes=700)
+    payloads = fill(spool, 12)
+    for seq in range(5):
+        spool.ack("influxdb", seq)
+    assert spool._out is not None
+    spool._out.close()  # no close(): as after SIGKILL, only what already reached the kernel
+
+    again = Spool(tmp_path, [*DESTINATIONS, "newrelic"], segment_bytes=700)
+    assert list(again.pending("influxdb")) == list(range(5, 12))
+    assert list(again.pending("mqtt")) == list(range(12))
+    assert list(again.pending("newrelic")) == []  # new destination: no old backlog
+    assert [again.read(s) for s in again.pending("mqtt")] == payloads
+    assert again.append(b"next", 1) == 12
+    again.close()
+
+
+def test_torn_record_at_the_end_is_cut_off(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, DESTINATIONS)
+    fill(spool, 3)
+    spool.close()
+    segment = next(tmp_path.glob("segment-*.log"))
+    with open(segment, "ab") as out:
+        out.write(b"\x10\x00\x00\x00garbage")  # a header and half a payload, as at a crash
+    again = Spool(tmp_path, DESTINATIONS)
+    assert list(again.pending("influxdb")) == [0, 1, 2]
+    assert again.append(b"fresh", 1) == 3
+    assert again.read(3) == b"fresh"
+    again.close()
+
+
+def test_drop_oldest_segment_reports_unacknowledged(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, DESTINATIONS, max_bytes=1500, segment_bytes=500)
+    fill(spool, 20)
+    assert spool.over_limit()
+    spool.ack("influxdb", 0)
+    lost = spool.drop_oldest_segment()
+    assert lost["influxdb"] == [1, 2, 3]
+    assert lost["mqtt"] == [0, 1, 2, 3]
+    assert spool.cursors == {"influxdb": 4, "mqtt": 4}
+    spool.ack("mqtt", 2)  # an ack for a record given up on is ignored
+    assert spool.cursors["mqtt"] == 4
+    while spool.over_limit():
+        assert spool.drop_oldest_segment()
+    assert spool.size_bytes() <= 1500
+    spool.close()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(DESTINATIONS), st.integers(0, 29)), max_size=80))
+def test_cursor_is_first_unacknowledged_whatever_the_order(acks: list[tuple[str, int]]) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        spool = Spool(directory, DESTINATIONS, segment_bytes=400)
+        fill(spool, 30, size=20)
+        done: dict[str, set[int]] = {d: set() for d in DESTINATIONS}
+        for destination, seq in acks:
+            spool.ack(destination, seq)
+            done[destination].add(seq)
+        for destination in DESTINATIONS:
+            expected = next(i for i in range(31) if i not in done[destination])
+            assert spool.cursors[destination] == expected
+            assert list(spool.pending(destination)) == list(range(expected, 30))
+        spool.close()
+
+
+def test_corrupt_record_is_an_error_not_wrong_data(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, DESTINATIONS)
+    fill(spool, 2)
+    spool.close()
+    segment = next(tmp_path.glob("segment-*.log"))
+    data = bytearray(segment.read_bytes())
+    data[-5] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    again = Spool(tmp_path, DESTINATIONS)
+    assert list(again.pending("influxdb")) == [0]  # the damaged last record is cut off
+    with pytest.raises(KeyError):
+        again.read(1)
+    again.close()

@@ -1,0 +1,236 @@
+"""The writer's on-disk spool: every encoded batch is appended here before any destination
+sees it, and each destination acknowledges what it delivered (SPEC 4, issue 5).
+
+A directory of append-only segment files holds records `[u32 length][u32 crc32][u64 seq]
+[u32 events][payload]`; `cursors.json` holds, per destination, the first sequence number
+not yet acknowledged, rewritten (write + rename) on every acknowledgement that moves it.
+A segment is deleted once every destination has acknowledged all of it.
+
+So a writer killed at any instant loses nothing that reached the spool: its successor
+replays each destination from its cursor. What was in flight at the kill is delivered
+again (InfluxDB overwrites the identical point; MQTT QoS 1 is at-least-once anyway).
+When the spool outgrows `max_bytes`, the oldest records not yet handed to a destination
+are dropped and counted per destination, so memory and disk both stay bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+log = logging.getLogger("senseflow.spool")
+
+HEADER = struct.Struct("<IIQI")  # length, crc32 of the rest, seq, events
+SEGMENT_PREFIX = "segment-"
+CURSORS = "cursors.json"
+FsyncPolicy = Literal["never", "interval", "always"]
+
+
+@dataclass(slots=True)
+class Location:
+    segment: int  # first seq of the segment file
+    offset: int
+    events: int
+
+
+class Spool:
+    def __init__(
+        self,
+        directory: str | Path,
+        destinations: list[str],
+        max_bytes: int = 1 << 30,
+        segment_bytes: int = 64 << 20,
+        fsync: FsyncPolicy = "interval",
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.destinations = destinations
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.fsync = fsync
+        self.index: dict[int, Location] = {}
+        self.segments: dict[int, int] = {}  # first seq -> size in bytes
+        self.next_seq = 0
+        self._acked: dict[str, set[int]] = {d: set() for d in destinations}
+        self._out: BinaryIO | None = None
+        self._out_segment = -1
+        self._dirty = False
+        self._recover()
+        saved = self._read_cursors()
+        # A destination new to this spool starts at its end: no backlog from before it existed.
+        self.cursors = {d: max(saved.get(d, self.next_seq), self._first_seq()) for d in destinations}
+        self._write_cursors()
+        self._collect()
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def append(self, payload: bytes, events: int) -> int:
+        seq = self.next_seq
+        body = HEADER.pack(len(payload), zlib.crc32(payload), seq, events) + payload
+        out = self._segment_for(len(body))
+        offset = out.tell()
+        out.write(body)
+        out.flush()
+        if self.fsync == "always":
+            os.fsync(out.fileno())
+        self.index[seq] = Location(self._out_segment, offset, events)
+        self.segments[self._out_segment] += len(body)
+        self.next_seq = seq + 1
+        self._dirty = True
+        return seq
+
+    def _segment_for(self, size: int) -> BinaryIO:
+        if self._out is None or self.segments[self._out_segment] + size > self.segment_bytes:
+            if self._out is not None:
+                self._out.close()
+            self._out_segment = self.next_seq
+            self.segments[self._out_segment] = 0
+            self._out = open(self._segment_path(self._out_segment), "ab")  # noqa: SIM115
+        return self._out
+
+    def sync(self) -> None:
+        """fsync what was appended (the 'interval' policy calls this on a timer)."""
+        if self._out is not None and self._dirty:
+            os.fsync(self._out.fileno())
+            self._dirty = False
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read(self, seq: int) -> bytes:
+        where = self.index[seq]
+        with open(self._segment_path(where.segment), "rb") as segment:
+            segment.seek(where.offset)
+            length, crc, found_seq, _ = HEADER.unpack(segment.read(HEADER.size))
+            payload = segment.read(length)
+        if found_seq != seq or zlib.crc32(payload) != crc:
+            raise OSError(f"spool record {seq} is corrupt")
+        return payload
+
+    def events_in(self, seq: int) -> int:
+        return self.index[seq].events
+
+    def pending(self, destination: str) -> Iterator[int]:
+        """Sequence numbers this destination has not acknowledged, oldest first."""
+        return (s for s in range(self.cursors[destination], self.next_seq) if s in self.index)
+
+    # -- acknowledging and bounding ---------------------------------------------------------
+
+    def ack(self, destination: str, seq: int) -> None:
+        cursor = self.cursors[destination]
+        if seq < cursor:
+            return  # already given up on (spool full) or acknowledged before a restart
+        acked = self._acked[destination]
+        acked.add(seq)
+        if seq != cursor:
+            return
+        while cursor in acked:
+            acked.discard(cursor)
+            cursor += 1
+        self.cursors[destination] = cursor
+        self._write_cursors()
+        self._collect()
+
+    def size_bytes(self) -> int:
+        return sum(self.segments.values())
+
+    def drop_oldest_segment(self) -> dict[str, list[int]]:
+        """Delete the oldest segment to respect `max_bytes`.
+
+        Returns, per destination, the sequence numbers it had not acknowledged there: the
+        caller counts those it never handed to the destination as dropped. Records already
+        handed over stay in the destination's memory and are still delivered.
+        """
+        if len(self.segments) <= 1:
+            return {}
+        first, following = sorted(self.segments)[:2]
+        lost = {
+            d: [s for s in range(max(first, self.cursors[d]), following) if s in self.index]
+            for d in self.destinations
+        }
+        for destination in self.destinations:
+            if self.cursors[destination] < following:
+                self.cursors[destination] = following
+                self._acked[destination] = {s for s in self._acked[destination] if s >= following}
+        self._write_cursors()
+        self._delete_segment(first, following)
+        return lost
+
+    def over_limit(self) -> bool:
+        return self.size_bytes() > self.max_bytes
+
+    def _collect(self) -> None:
+        """Delete segments every destination has acknowledged completely."""
+        low = min(self.cursors.values(), default=self.next_seq)
+        firsts = sorted(self.segments)
+        for first, following in zip(firsts, firsts[1:], strict=False):
+            if following > low:
+                break
+            self._delete_segment(first, following)
+
+    def _delete_segment(self, first: int, following: int) -> None:
+        for seq in range(first, following):
+            self.index.pop(seq, None)
+        del self.segments[first]
+        self._segment_path(first).unlink(missing_ok=True)
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def _segment_path(self, first: int) -> Path:
+        return self.directory / f"{SEGMENT_PREFIX}{first:020d}.log"
+
+    def _first_seq(self) -> int:
+        return min(self.segments, default=self.next_seq)
+
+    def _write_cursors(self) -> None:
+        temporary = self.directory / (CURSORS + ".tmp")
+        temporary.write_text(json.dumps(self.cursors), encoding="utf-8")
+        os.replace(temporary, self.directory / CURSORS)
+
+    def _read_cursors(self) -> dict[str, int]:
+        try:
+            saved = json.loads((self.directory / CURSORS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return {str(k): int(v) for k, v in saved.items()} if isinstance(saved, dict) else {}
+
+    def _recover(self) -> None:
+        """Index the records on disk; a torn record at the end of a segment is cut off."""
+        for path in sorted(self.directory.glob(f"{SEGMENT_PREFIX}*.log")):
+            first = int(path.stem.removeprefix(SEGMENT_PREFIX))
+            size = self._index_segment(path, first)
+            self.segments[first] = size
+        if self.segments:
+            log.info("spool: %d record(s) on disk in %d segment(s)", len(self.index), len(self.segments))
+
+    def _index_segment(self, path: Path, first: int) -> int:
+        with open(path, "r+b") as segment:
+            offset = 0
+            while True:
+                header = segment.read(HEADER.size)
+                if len(header) < HEADER.size:
+                    break
+                length, crc, seq, events = HEADER.unpack(header)
+                payload = segment.read(length)
+                if len(payload) < length or zlib.crc32(payload) != crc:
+                    break
+                self.index[seq] = Location(first, offset, events)
+                self.next_seq = max(self.next_seq, seq + 1)
+                offset += HEADER.size + length
+            if offset < path.stat().st_size:
+                log.warning("spool: cutting a torn record off %s at byte %d", path.name, offset)
+                segment.truncate(offset)
+        return offset
+
+    def close(self) -> None:
+        if self._out is not None:
+            self.sync()
+            self._out.close()
+            self._out = None
+        self._write_cursors()
