@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps run test test-fast lint bench bench-quick clean
+.PHONY: install system-deps run test test-fast lint bench bench-quick bench-compare clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,26 @@ lint: install
 	$(BIN)/ruff format --check receiver workers shared tests benchmarks
 	$(BIN)/mypy
 
+# The benchmark suite (benchmarks/suite.py): its own influxd and mosquitto, ceilings, receiver
+# alone, end to end for --workers 1 2 4, latency, overload. Writes benchmarks/out/suite-*.json
+# and .md; the full run also redraws the plots under benchmarks/. Parse/encode alone:
+# `$(BIN)/python -m benchmarks.micro`.
 bench: install system-deps
-	$(BIN)/python -m benchmarks.micro
+	$(BIN)/python -m benchmarks.suite --full
+
+bench-quick: install system-deps
+	$(BIN)/python -m benchmarks.suite --quick
+
+# make bench-compare OLD=a.json NEW=b.json   (or: make bench-compare a.json b.json)
+ifeq (bench-compare,$(firstword $(MAKECMDGOALS)))
+  COMPARE_FILES := $(wordlist 2,$(words $(MAKECMDGOALS)),$(MAKECMDGOALS))
+  $(eval $(COMPARE_FILES):;@:)
+endif
+OLD ?= $(word 1,$(COMPARE_FILES))
+NEW ?= $(word 2,$(COMPARE_FILES))
+bench-compare: install
+	@test -n "$(OLD)" -a -n "$(NEW)" || { echo "usage: make bench-compare OLD=old.json NEW=new.json"; exit 2; }
+	$(BIN)/python -m benchmarks.report compare $(OLD) $(NEW)
 
 clean:
 	rm -rf $(VENV) .run build *.egg-info .pytest_cache .mypy_cache .hypothesis

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_parse_command(commands)
     add_run_command(commands)
     add_send_command(commands)
+    add_operator_commands(commands)
     return parser
 
 
@@ -65,6 +66,8 @@ def add_run_command(commands: Any) -> None:
                         help="log a counters line every S seconds (0: only at exit)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--log-format", choices=("text", "json"))
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve Prometheus /metrics and /healthz on PORT (0: off)")
     parser.set_defaults(command=run_service)
 
 
@@ -79,6 +82,7 @@ def apply_run_flags(config: Config, args: argparse.Namespace) -> Config:
         "summary_interval": args.summary_interval,
         "log_level": args.log_level,
         "log_format": args.log_format,
+        "metrics_port": args.metrics_port,
     }
     pipeline = msgspec.structs.replace(
         config.pipeline, **{k: v for k, v in pipeline_flags.items() if v is not None}
@@ -106,6 +110,13 @@ def run_service(args: argparse.Namespace) -> int:
     _app_names(config)  # fail now, not in every worker, if the mapping file is bad
     setup_logging(config.pipeline.log_level, config.pipeline.log_format, "supervisor")
     return Supervisor(config).run()
+
+
+def add_operator_commands(commands: Any) -> None:
+    from receiver.tools import add_appender_xml_command, add_check_config_command
+
+    add_appender_xml_command(commands)
+    add_check_config_command(commands)
 
 
 def add_send_command(commands: Any) -> None:

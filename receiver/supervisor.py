@@ -20,10 +20,13 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from receiver.observers import start_observers
+from receiver.telemetry import Telemetry
 from shared import exitcodes
 from shared.config import Config
 from shared.counters import summary_line
 from shared.ipc import STOP, Channels, MessageChannel, drain_reports
+from workers.appnames import AppNamesPublisher
 
 log = logging.getLogger("senseflow.supervisor")
 
@@ -92,6 +95,7 @@ class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.context = multiprocessing.get_context("spawn")
+        self.app_names = AppNamesPublisher(config)
         pipe = config.pipeline
         self.channels = Channels(
             raw=MessageChannel(
@@ -102,8 +106,10 @@ class Supervisor:
             ),
             reports=self.context.Queue(),
             stop=self.context.Event(),
+            app_names_path=self.app_names.path,
         )
         self.totals: dict[str, int] = {}
+        self.telemetry = Telemetry(config, self.destinations())  # delivery, latency, children
         self.signals: list[int] = []
         self.fatal: dict[str, str] = {}
         self.last_summary = time.monotonic()
@@ -137,6 +143,17 @@ class Supervisor:
 
     def run(self) -> int:
         self.install_signal_handlers()
+        observers = start_observers(self)  # /metrics, /healthz, InfluxDB stats: before boot
+        if observers is None:
+            return exitcodes.BIND_ERROR
+        self.app_names.start()  # QRS app names first, so that the first events have them
+        try:
+            return self.supervise()
+        finally:
+            self.app_names.stop()
+            observers.stop()  # after the drain: the last stats carry the final counts
+
+    def supervise(self) -> int:
         for group in ([self.writer], self.workers, self.readers):
             code = self.boot(group)
             if code != exitcodes.OK:
@@ -266,6 +283,9 @@ class Supervisor:
                 self._mark_ready(name, payload)
             elif kind == "fatal":
                 self.fatal[name] = payload
+            elif kind in ("delivery", "event_counts"):
+                self.telemetry.record(kind, payload)
+        self.telemetry.observe_children((c.name, c.pid, c.alive, c.ready) for c in self.children)
 
     def _mark_ready(self, name: str, payload: Any) -> None:
         for child in self.children:

@@ -59,7 +59,7 @@ def default_config() -> dict[str, object]:
             },
             "mqttConfig": {"enable": True, "brokerHost": "127.0.0.1", "brokerPort": MQTT_PORT},
         },
-        "senseflow": {"summaryInterval": 10},
+        "senseflow": {"summaryInterval": 10, "spool": {"directory": str(RUN_DIR / "spool")}},
     }
 
 

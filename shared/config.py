@@ -244,7 +244,19 @@ class MqttOptions(Own, frozen=True):
     client_id: str = ""
     tls: MqttTls = MqttTls()
     max_inflight: int = 2000
-    max_pending: int = 200_000
+    max_pending: int = 50_000
+
+
+class SpoolOptions(Own, frozen=True):
+    """The writer's on-disk spool (workers/spool.py): everything waits there, bounded."""
+
+    directory: str = "spool"
+    """Relative paths are relative to the working directory."""
+    max_bytes: int = 1 << 30
+    segment_bytes: int = 64 << 20
+    fsync: Literal["never", "interval", "always"] = "interval"
+    fsync_interval: int = 1000
+    """ms between fsyncs with `fsync: interval`."""
 
 
 class Pipeline(Own, frozen=True):
@@ -262,12 +274,20 @@ class Pipeline(Own, frozen=True):
     on_unreachable: Literal["fail", "wait"] = "fail"
     startup_timeout: float = 10.0
     app_names_file: str = ""
+    new_relic_ca_file: str = ""
+    """PEM CA certificate(s) trusted for the New Relic URL, on top of the system's trust
+    (a TLS-inspecting proxy, or a local stand-in in tests)."""
     ua_cache_size: int = 4096
-    pending_events: int = 500_000
+    pending_events: int = 100_000
+    """Events a destination holds in memory; the rest waits in the spool."""
     metrics_port: int = 0
+    metrics_host: str = "0.0.0.0"
+    health_deadline: float = 30.0
+    """/healthz: seconds a destination may acknowledge nothing while events wait for it."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     mqtt: MqttOptions = MqttOptions()
+    spool: SpoolOptions = SpoolOptions()
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -355,6 +375,19 @@ def check_semantics(config: Config) -> list[str]:
             f"expected a port 0-65535, found {port}"
         )
     problems.extend(_check_new_relic_accounts(config.butler))
+    problems.extend(_check_metrics(pipe))
+    problems.extend(_check_app_names(config.butler))
+    return problems
+
+
+def _check_metrics(pipe: Pipeline) -> list[str]:
+    problems = []
+    if not 0 <= pipe.metrics_port <= 65535:
+        problems.append(f"{OWN_SECTION}.metricsPort: expected a port 0-65535 (0: off), "
+                        f"found {pipe.metrics_port}")
+    if pipe.health_deadline <= 0:
+        problems.append(f"{OWN_SECTION}.healthDeadline: expected seconds > 0, "
+                        f"found {pipe.health_deadline}")
     return problems
 
 
@@ -362,12 +395,50 @@ def _check_new_relic_accounts(butler: ButlerSOS) -> list[str]:
     if not (butler.new_relic.enable and butler.user_events.send_to_new_relic.enable):
         return []
     known = {a.account_name for a in butler.third_party_tools_credentials.new_relic or []}
+    if not butler.user_events.send_to_new_relic.destination_account:
+        return [
+            f"{BUTLER_SECTION}.userEvents.sendToNewRelic.destinationAccount: expected at least "
+            "one accountName from thirdPartyToolsCredentials.newRelic, found nothing"
+        ]
     return [
         f"{BUTLER_SECTION}.userEvents.sendToNewRelic.destinationAccount: expected an accountName "
         f"from thirdPartyToolsCredentials.newRelic, found {name!r}"
         for name in butler.user_events.send_to_new_relic.destination_account or []
         if name not in known
     ]
+
+
+MIN_EXTRACT_INTERVAL_MS = 100
+
+
+def _check_app_names(butler: ButlerSOS) -> list[str]:
+    """QRS app-name extraction needs a host and the client certificate, key and CA."""
+    app_names = butler.app_names
+    if not app_names.enable_app_name_extract:
+        return []
+    problems = []
+    if not app_names.host_ip:
+        problems.append(
+            f"{BUTLER_SECTION}.appNames.hostIP: expected the host name or IP address of a Qlik "
+            "Sense server (enableAppNameExtract is true), found nothing"
+        )
+    if app_names.extract_interval < MIN_EXTRACT_INTERVAL_MS:
+        problems.append(
+            f"{BUTLER_SECTION}.appNames.extractInterval: expected milliseconds >= "
+            f"{MIN_EXTRACT_INTERVAL_MS}, found {app_names.extract_interval}"
+        )
+    cert = butler.cert
+    for key, value in (
+        ("clientCert", cert.client_cert),
+        ("clientCertKey", cert.client_cert_key),
+        ("clientCertCA", cert.client_cert_ca),
+    ):
+        if not value:
+            problems.append(
+                f"{BUTLER_SECTION}.cert.{key}: expected a file path for the QRS API "
+                "(appNames.enableAppNameExtract is true), found nothing"
+            )
+    return problems
 
 
 def _problems(value: Any, info: msgspec.inspect.Type, path: str) -> list[str]:

@@ -106,6 +106,8 @@ class Channels:
     encoded: MessageChannel
     reports: multiprocessing.queues.Queue[tuple[str, str, Any]]
     stop: multiprocessing.synchronize.Event
+    app_names_path: str = ""
+    """Where the supervisor publishes the app names it fetches from QRS ('' when it does not)."""
 
 
 def report(channels: Channels, name: str, kind: str, payload: Any = None) -> None:

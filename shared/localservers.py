@@ -320,9 +320,11 @@ class MosquittoServer(_ServerProcess):
         password: str | None = None,
         binary: str = "mosquitto",
         startup_timeout: float = 15.0,
+        persistence: bool = False,
     ) -> None:
         super().__init__(workdir, startup_timeout)
         self.binary = binary
+        self.persistence = persistence
         self.host = LOOPBACK
         self.port = port if port is not None else free_ports(1)[0]
         self.username = username
@@ -334,7 +336,10 @@ class MosquittoServer(_ServerProcess):
     def _config_text(self) -> str:
         lines = [
             f"listener {self.port} {self.host}",
-            "persistence false",
+            # With persistence, sessions and queued QoS 1 messages of persistent subscribers
+            # survive a broker restart (saved on SIGTERM to the work directory).
+            *(["persistence true", f"persistence_location {self.workdir}/"]
+              if self.persistence else ["persistence false"]),
             "log_dest stderr",
             "log_type error",
             "log_type warning",

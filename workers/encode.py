@@ -10,10 +10,14 @@ are dropped from tags too: InfluxDB 1.x's line splitter reads `\\\\ ` as an esca
 backslash and an unescaped space, loses track of quotes after it and can then merge the
 next line into this one, rejecting both points. The `*_field` string fields always carry
 the exact value (line breaks removed).
+
+Real traffic repeats a few hosts, users, apps and agents, so each group of escaped tags and
+fields is cached whole (LRU, bounded: the values come from outside).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import time
@@ -30,7 +34,9 @@ _TAG_ESCAPES = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ "})
 _LINE_BREAKS = str.maketrans({"\n": None, "\r": None})
 _BACKSLASHES_BEFORE_SPACE = re.compile(r"\\+(?= )")
 _FIELD_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": None, "\r": None})
-_CACHE_LIMIT = 65536
+_UA_TAG_KEYS = ("qs_uaBrowserName", "qs_uaBrowserMajorVersion", "qs_uaOsName", "qs_uaOsVersion")
+_USER_CACHE_SIZE = 16384  # bounds memory too: an entry can reach ~2 KB
+_GROUP_CACHE_SIZE = 4096
 
 
 def escape_tag(value: str) -> str:
@@ -45,25 +51,48 @@ def escape_field_string(value: str) -> str:
     return value.translate(_FIELD_ESCAPES)
 
 
-class MqttPayload(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """The MQTT JSON payload of SPEC 3; unknown values are left out."""
+class MqttPayload(msgspec.Struct, omit_defaults=True):
+    """The MQTT JSON payload of SPEC 3; unknown values are left out.
 
-    messageType: str  # noqa: N815 - the wire names are camelCase
+    Built positionally (faster than 16 keywords), so `timestamp` needs a default to stay
+    last; it is never empty. The wire names are camelCase.
+    """
+
+    messageType: str
     host: str
     command: str
-    userDir: str  # noqa: N815
-    userId: str  # noqa: N815
+    userDir: str
+    userId: str
     origin: str
     context: str
     message: str
     tags: msgspec.Raw
-    appId: str = ""  # noqa: N815
-    appName: str = ""  # noqa: N815
-    uaBrowserName: str = ""  # noqa: N815
-    uaBrowserMajorVersion: str = ""  # noqa: N815
-    uaOsName: str = ""  # noqa: N815
-    uaOsVersion: str = ""  # noqa: N815
-    timestamp: str
+    appId: str = ""
+    appName: str = ""
+    uaBrowserName: str = ""
+    uaBrowserMajorVersion: str = ""
+    uaOsName: str = ""
+    uaOsVersion: str = ""
+    timestamp: str = ""
+
+
+class NewRelicAttributes(msgspec.Struct, omit_defaults=True):
+    """The per-event New Relic attributes, in their wire order; unknown values left out."""
+
+    eventType: str
+    qs_host: str
+    qs_event_action: str
+    qs_userFull: str
+    qs_userDirectory: str
+    qs_userId: str
+    qs_origin: str
+    timestamp: int
+    qs_appId: str = ""
+    qs_appName: str = ""
+    qs_uaBrowserName: str = ""
+    qs_uaBrowserMajorVersion: str = ""
+    qs_uaOsName: str = ""
+    qs_uaOsVersion: str = ""
 
 
 class EventEncoder:
@@ -77,103 +106,105 @@ class EventEncoder:
         )
         self._tags_json = msgspec.Raw(msgspec.json.encode(dict(tags)))
         self._json = msgspec.json.Encoder()
-        self._tag_cache: dict[str, str] = {}
-        self._field_cache: dict[str, str] = {}
-        self._scramble_cache: dict[str, str] = {}
+        self._host_groups = functools.lru_cache(_GROUP_CACHE_SIZE)(_host_groups)
+        self._user_groups = functools.lru_cache(_USER_CACHE_SIZE)(_user_groups)
+        self._app_groups = functools.lru_cache(_GROUP_CACHE_SIZE)(_app_groups)
+        self._ua_tags = functools.lru_cache(_GROUP_CACHE_SIZE)(_ua_tags)
+        self._iso_ms = -1
+        self._iso_text = ""
         self._iso_second = -1
         self._iso_prefix = ""
         self.scramble = butler.user_events.send_to_new_relic.scramble
+        self._scrambled_user = functools.lru_cache(_USER_CACHE_SIZE)(_scrambled_user)
         self._nr_static = {a.name: a.value for a in butler.new_relic.event.attribute.static or []}
         self._nr_tags = dict(tags)
+        self._nr_prefix = _newrelic_prefix({**self._nr_static, **self._nr_tags})
 
     # -- InfluxDB ---------------------------------------------------------------------------
 
     def line(self, event: UserEvent) -> str:
         """One line of line protocol, newline-terminated."""
-        tag = self._tag
-        field = self._field
-        user_full = event.user_full
-        parts = [
-            MEASUREMENT,
-            _tag_pair("host", tag(event.host)),
-            _tag_pair("event_action", tag(event.command)),
-            _tag_pair("userFull", tag(user_full)),
-            _tag_pair("userDirectory", tag(event.user_directory)),
-            _tag_pair("userId", tag(event.user_id)),
-            _tag_pair("origin", tag(event.origin)),
-        ]
+        head, origin = self._host_groups(event.host, event.command, event.origin)
+        user_tags, user_fields = self._user_groups(event.user_directory, event.user_id)
+        app_tags = app_fields = ua_tags = ""
         if event.app_id:
-            parts.append(_tag_pair("appId", tag(event.app_id)))
-            parts.append(_tag_pair("appName", tag(event.app_name)))
+            app_tags, app_fields = self._app_groups(event.app_id, event.app_name)
         if event.ua_browser_name or event.ua_os_name:
-            parts.append(_tag_pair("qs_uaBrowserName", tag(event.ua_browser_name)))
-            parts.append(_tag_pair("qs_uaBrowserMajorVersion", tag(event.ua_browser_major)))
-            parts.append(_tag_pair("qs_uaOsName", tag(event.ua_os_name)))
-            parts.append(_tag_pair("qs_uaOsVersion", tag(event.ua_os_version)))
-        parts.append(self._tag_suffix)
-        parts.append(f' userFull_field="{field(user_full)}",userId_field="{field(event.user_id)}"')
-        if event.app_id:
-            parts.append(f',appId_field="{event.app_id}"')
-            if event.app_name:
-                parts.append(f',appName_field="{field(event.app_name)}"')
-        parts.append(f" {event.received_ns}\n")
-        return "".join(parts)
-
-    def _tag(self, value: str) -> str:
-        escaped = self._tag_cache.get(value)
-        if escaped is None:
-            escaped = escape_tag(value)
-            _remember(self._tag_cache, value, escaped)
-        return escaped
-
-    def _field(self, value: str) -> str:
-        escaped = self._field_cache.get(value)
-        if escaped is None:
-            escaped = escape_field_string(value)
-            _remember(self._field_cache, value, escaped)
-        return escaped
+            ua_tags = self._ua_tags(
+                event.ua_browser_name,
+                event.ua_browser_major,
+                event.ua_os_name,
+                event.ua_os_version,
+            )
+        return (
+            f"{MEASUREMENT}{head}{user_tags}{origin}{app_tags}{ua_tags}{self._tag_suffix}"
+            f"{user_fields}{app_fields} {event.received_ns}\n"
+        )
 
     # -- MQTT -------------------------------------------------------------------------------
 
     def mqtt(self, event: UserEvent) -> bytes:
         return self._json.encode(
             MqttPayload(
-                messageType=event.message_type,
-                host=event.host,
-                command=event.command,
-                userDir=event.user_directory,
-                userId=event.user_id,
-                origin=event.origin,
-                context=event.context,
-                message=event.message,
-                tags=self._tags_json,
-                appId=event.app_id,
-                appName=event.app_name,
-                uaBrowserName=event.ua_browser_name,
-                uaBrowserMajorVersion=event.ua_browser_major,
-                uaOsName=event.ua_os_name,
-                uaOsVersion=event.ua_os_version,
-                timestamp=self.iso_timestamp(event.received_ns),
+                event.message_type,
+                event.host,
+                event.command,
+                event.user_directory,
+                event.user_id,
+                event.origin,
+                event.context,
+                event.message,
+                self._tags_json,
+                event.app_id,
+                event.app_name,
+                event.ua_browser_name,
+                event.ua_browser_major,
+                event.ua_os_name,
+                event.ua_os_version,
+                self.iso_timestamp(event.received_ns),
             )
         )
 
     def iso_timestamp(self, ns: int) -> str:
         """ISO 8601 UTC with milliseconds, as JavaScript's toISOString() writes it."""
-        second, rest = divmod(ns, 1_000_000_000)
-        if second != self._iso_second:
-            self._iso_second = second
-            self._iso_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._iso_prefix}.{rest // 1_000_000:03d}Z"
+        ms = ns // 1_000_000
+        if ms != self._iso_ms:  # events of a batch mostly share their millisecond
+            self._iso_ms = ms
+            second, millis = divmod(ms, 1000)
+            if second != self._iso_second:
+                self._iso_second = second
+                self._iso_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._iso_text = f"{self._iso_prefix}.{millis:03d}Z"
+        return self._iso_text
 
     # -- New Relic --------------------------------------------------------------------------
 
     def newrelic(self, event: UserEvent) -> bytes:
-        return self._json.encode(self.newrelic_event(event))
+        """The static attributes and tags, encoded once, then this event's attributes."""
+        if self._nr_prefix is None:
+            return self._json.encode(self.newrelic_event(event))
+        user_full, directory, user_id = self._newrelic_user(event)
+        attributes = NewRelicAttributes(
+            NEW_RELIC_EVENT_TYPE,
+            event.host,
+            event.command,
+            user_full,
+            directory,
+            user_id,
+            event.origin,
+            event.received_ns // 1_000_000,
+            event.app_id,
+            event.app_name,
+            event.ua_browser_name,
+            event.ua_browser_major,
+            event.ua_os_name,
+            event.ua_os_version,
+        )
+        return self._nr_prefix + self._json.encode(attributes)[1:]
 
     def newrelic_event(self, event: UserEvent) -> dict[str, str | int]:
-        user_full, directory, user_id = event.user_full, event.user_directory, event.user_id
-        if self.scramble:
-            user_full, directory, user_id = map(self._scrambled, (user_full, directory, user_id))
+        """The attributes as one dict: a later value wins, in the place of the first."""
+        user_full, directory, user_id = self._newrelic_user(event)
         attributes: dict[str, str | int] = dict(self._nr_static)
         attributes.update(self._nr_tags)
         attributes.update(
@@ -197,12 +228,11 @@ class EventEncoder:
         attributes.update((k, v) for k, v in optional.items() if v)
         return attributes
 
-    def _scrambled(self, value: str) -> str:
-        digest = self._scramble_cache.get(value)
-        if digest is None:
-            digest = scramble(value)
-            _remember(self._scramble_cache, value, digest)
-        return digest
+    def _newrelic_user(self, event: UserEvent) -> tuple[str, str, str]:
+        """userFull, userDirectory and userId, scrambled when configured."""
+        if self.scramble:
+            return self._scrambled_user(event.user_directory, event.user_id)
+        return event.user_full, event.user_directory, event.user_id
 
 
 def scramble(value: str) -> str:
@@ -210,11 +240,57 @@ def scramble(value: str) -> str:
     return hashlib.shake_256(value.encode("utf-8")).hexdigest(8)
 
 
+def _scrambled_user(directory: str, user_id: str) -> tuple[str, str, str]:
+    return scramble(f"{directory}\\{user_id}"), scramble(directory), scramble(user_id)
+
+
+def _newrelic_prefix(constant: dict[str, str]) -> bytes | None:
+    """`{` and the constant attributes with a trailing comma, ready for an event's own.
+
+    None when a constant name is also an event attribute: then the dict path keeps the
+    old rule (the later value, in the place of the first), which a prefix cannot.
+    """
+    if not constant:
+        return b"{"
+    if not constant.keys().isdisjoint(NewRelicAttributes.__struct_fields__):
+        return None
+    return msgspec.json.encode(constant)[:-1] + b","
+
+
 def _tag_pair(key: str, escaped_value: str) -> str:
     return f",{key}={escaped_value}" if escaped_value else ""
 
 
-def _remember(cache: dict[str, str], key: str, value: str) -> None:
-    if len(cache) >= _CACHE_LIMIT:
-        cache.clear()
-    cache[key] = value
+def _host_groups(host: str, action: str, origin: str) -> tuple[str, str]:
+    """The host and event_action tags, and the origin tag (which comes after the user)."""
+    head = _tag_pair("host", escape_tag(host)) + _tag_pair("event_action", escape_tag(action))
+    return head, _tag_pair("origin", escape_tag(origin))
+
+
+def _user_groups(directory: str, user_id: str) -> tuple[str, str]:
+    """The three user tags, and the two user fields with their leading space."""
+    full = f"{directory}\\{user_id}"
+    tags = (
+        _tag_pair("userFull", escape_tag(full))
+        + _tag_pair("userDirectory", escape_tag(directory))
+        + _tag_pair("userId", escape_tag(user_id))
+    )
+    fields = (
+        f' userFull_field="{escape_field_string(full)}",'
+        f'userId_field="{escape_field_string(user_id)}"'
+    )
+    return tags, fields
+
+
+def _app_groups(app_id: str, app_name: str) -> tuple[str, str]:
+    """The app tags and fields; the id is a GUID from the enricher, stored as it is."""
+    tags = _tag_pair("appId", escape_tag(app_id)) + _tag_pair("appName", escape_tag(app_name))
+    fields = f',appId_field="{app_id}"'
+    if app_name:
+        fields += f',appName_field="{escape_field_string(app_name)}"'
+    return tags, fields
+
+
+def _ua_tags(browser: str, major: str, os_name: str, os_version: str) -> str:
+    values = (browser, major, os_name, os_version)
+    return "".join(_tag_pair(k, escape_tag(v)) for k, v in zip(_UA_TAG_KEYS, values, strict=True))

@@ -6,6 +6,7 @@ import csv
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import ua_parser
 import yaml
@@ -15,26 +16,41 @@ from shared.config import Config
 from shared.events import UserEvent
 
 _GUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+# A GUID has 36 characters and neither `?` nor `/`: after `/app/` (5), it is the slot
+# context[5:41], followed by `?`, `/` or nothing.
+_GUID_SLOT = slice(5, 41)
+_AFTER_GUID = ("", "?", "/")
+_APP_KEY_CACHE_SIZE = 4096
 _UA_MARKER = "UserAgent:"
 
 UaFields = tuple[str, str, str, str]
 _NO_UA: UaFields = ("", "", "", "")
+_Value = TypeVar("_Value")
 
 
 def app_id_from_context(context: str) -> str:
     """The GUID after `/app/` at the start of the context, or ''."""
-    if not context.startswith("/app/"):
+    if not context.startswith("/app/") or context[41:42] not in _AFTER_GUID:
         return ""
-    segment = context[5:]
-    for stop in ("?", "/"):
-        segment = segment.partition(stop)[0]
-    return segment if _GUID.fullmatch(segment) else ""
+    slot = context[_GUID_SLOT]
+    return slot if _GUID.fullmatch(slot) else ""
 
 
 def user_agent_from_message(message: str) -> str:
     """The text after the first `UserAgent:`, trimmed, single quotes removed."""
-    _, marker, rest = message.partition(_UA_MARKER)
-    return rest.strip().replace("'", "").strip() if marker else ""
+    _, marker, tail = message.partition(_UA_MARKER)
+    return _clean_agent(tail) if marker else ""
+
+
+def _clean_agent(tail: str) -> str:
+    return tail.strip().replace("'", "").strip()
+
+
+def _store(cache: dict[str, _Value], key: str, value: _Value, size: int) -> None:
+    """Cache `value`, dropping the oldest entry when full (keys come from outside)."""
+    if len(cache) >= size:
+        del cache[next(iter(cache))]
+    cache[key] = value
 
 
 class UserAgentParser:
@@ -47,17 +63,22 @@ class UserAgentParser:
     def __init__(self, cache_size: int = 4096) -> None:
         resolver = ua_parser.BestAvailableResolver(ua_parser.load_builtins())
         self._parser = ua_parser.Parser(resolver)
-        self._cache: dict[str, UaFields] = {}
+        self._cache: dict[str, UaFields | None] = {}
         self._cache_size = cache_size
 
-    def __call__(self, agent: str) -> UaFields:
-        found = self._cache.get(agent)
-        if found is None:
-            found = self.parse_uncached(agent)
-            if self._cache_size:
-                if len(self._cache) >= self._cache_size:
-                    del self._cache[next(iter(self._cache))]
-                self._cache[agent] = found
+    def from_tail(self, tail: str) -> UaFields | None:
+        """The fields of the agent in `tail` (the text after `UserAgent:`), None if empty.
+
+        Cached by the raw tail, so that a hit skips trimming the agent too.
+        """
+        try:
+            return self._cache[tail]
+        except KeyError:
+            pass
+        agent = _clean_agent(tail)
+        found = self.parse_uncached(agent) if agent else None
+        if self._cache_size:
+            _store(self._cache, tail, found, self._cache_size)
         return found
 
     def parse_uncached(self, agent: str) -> UaFields:
@@ -84,6 +105,7 @@ class Enricher:
         )
         self.app_names: Mapping[str, str] = app_names or {}
         self.user_agents = UserAgentParser(config.pipeline.ua_cache_size)
+        self._app_keys: dict[str, str] = {}  # GUID slot -> key of app_names, '' if no GUID
 
     def is_excluded(self, event: UserEvent) -> bool:
         if not self.excluded:
@@ -91,18 +113,28 @@ class Enricher:
         return (event.user_directory.casefold(), event.user_id.casefold()) in self.excluded
 
     def enrich(self, event: UserEvent) -> None:
-        app_id = app_id_from_context(event.context)
-        if app_id:
-            event.app_id = app_id
-            event.app_name = self.app_names.get(app_id.lower(), "")
-        agent = user_agent_from_message(event.message)
-        if agent:
-            (
-                event.ua_browser_name,
-                event.ua_browser_major,
-                event.ua_os_name,
-                event.ua_os_version,
-            ) = self.user_agents(agent)
+        context = event.context
+        if context.startswith("/app/") and context[41:42] in _AFTER_GUID:
+            self._add_app(event, context[_GUID_SLOT])
+        _, marker, tail = event.message.partition(_UA_MARKER)
+        if marker:
+            found = self.user_agents.from_tail(tail)
+            if found is not None:
+                (
+                    event.ua_browser_name,
+                    event.ua_browser_major,
+                    event.ua_os_name,
+                    event.ua_os_version,
+                ) = found
+
+    def _add_app(self, event: UserEvent, slot: str) -> None:
+        key = self._app_keys.get(slot)
+        if key is None:
+            key = slot.lower() if _GUID.fullmatch(slot) else ""
+            _store(self._app_keys, slot, key, _APP_KEY_CACHE_SIZE)
+        if key:
+            event.app_id = slot
+            event.app_name = self.app_names.get(key, "")
 
 
 def load_app_names(path: str | Path) -> dict[str, str]:

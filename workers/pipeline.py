@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from shared.config import Config
 from shared.events import ACTIONS, EncodedBatch, RawBatch, UserEvent
 from workers.encode import EventEncoder
 from workers.enrich import Enricher
+from workers.eventcount import EventCounts, event_counts_enabled
 from workers.parse import parse_datagram
 
 _ACTION_INDEX = {action: index for index, action in enumerate(ACTIONS)}
+_Encoders = tuple[
+    Callable[[UserEvent], str] | None,
+    Callable[[UserEvent], bytes] | None,
+    Callable[[UserEvent], bytes] | None,
+]
 
 
 class EventPipeline:
@@ -20,9 +26,12 @@ class EventPipeline:
         butler = config.butler
         self.enricher = Enricher(config, app_names)
         self.encoder = EventEncoder(config)
-        self.to_influx = butler.influxdb_config.enable and butler.user_events.send_to_influxdb.enable
+        self.to_influx = (
+            butler.influxdb_config.enable and butler.user_events.send_to_influxdb.enable
+        )
         self.to_mqtt = butler.mqtt_config.enable and butler.user_events.send_to_mqtt.enable
         self.to_newrelic = butler.new_relic.enable and butler.user_events.send_to_new_relic.enable
+        self.event_counts = EventCounts() if event_counts_enabled(config) else None
 
     def set_app_names(self, app_names: Mapping[str, str]) -> None:
         self.enricher.app_names = app_names
@@ -30,35 +39,53 @@ class EventPipeline:
     def event_or_reason(self, data: bytes, received_ns: int) -> UserEvent | str:
         """The enriched event, 'excluded', or the reason it is invalid."""
         event = parse_datagram(data, received_ns)
+        counts = self.event_counts
         if isinstance(event, str):
+            if counts is not None:
+                counts.add_unknown()
             return event
+        if counts is not None:  # Butler SOS counts before it excludes users
+            counts.add(event.message_type, event.host, event.origin)
         if self.enricher.is_excluded(event):
             return "excluded"
         self.enricher.enrich(event)
         return event
 
     def process_batch(self, raw: RawBatch) -> EncodedBatch:
+        # The hot path: `event_or_reason` inlined, methods and flags looked up once a batch.
         lines: list[str] = []
         payloads: list[bytes] = []
         actions = bytearray()
         newrelic: list[bytes] = []
         received: list[int] = []
         counters: dict[str, int] = {}
-        encoder = self.encoder
+        parse, enrich = parse_datagram, self.enricher.enrich
+        is_excluded = self.enricher.is_excluded if self.enricher.excluded else None
+        to_line, to_mqtt, to_newrelic = self._encoders()
+        counts = self.event_counts
+        if counts is not None:
+            counts.begin()
         for data, received_ns in zip(raw.datagrams, raw.received_ns, strict=True):
-            event = self.event_or_reason(data, received_ns)
+            event = parse(data, received_ns)
             if isinstance(event, str):
-                key = "excluded" if event == "excluded" else f"invalid.{event}"
-                counters[key] = counters.get(key, 0) + 1
+                _count(counters, f"invalid.{event}")
+                if counts is not None:
+                    counts.add_unknown()
                 continue
+            if counts is not None:  # Butler SOS counts before it excludes users
+                counts.add(event.message_type, event.host, event.origin)
+            if is_excluded is not None and is_excluded(event):
+                _count(counters, "excluded")
+                continue
+            enrich(event)
             received.append(received_ns)
-            if self.to_influx:
-                lines.append(encoder.line(event))
-            if self.to_mqtt:
-                payloads.append(encoder.mqtt(event))
+            if to_line is not None:
+                lines.append(to_line(event))
+            if to_mqtt is not None:
+                payloads.append(to_mqtt(event))
                 actions.append(_ACTION_INDEX[event.command])
-            if self.to_newrelic:
-                newrelic.append(encoder.newrelic(event))
+            if to_newrelic is not None:
+                newrelic.append(to_newrelic(event))
         counters["events"] = len(received)
         return EncodedBatch(
             lines="".join(lines).encode(),
@@ -68,3 +95,16 @@ class EventPipeline:
             received_ns=received,
             counters=counters,
         )
+
+    def _encoders(self) -> _Encoders:
+        """The encoders of the enabled destinations (line, MQTT, New Relic), None if off."""
+        encoder = self.encoder
+        return (
+            encoder.line if self.to_influx else None,
+            encoder.mqtt if self.to_mqtt else None,
+            encoder.newrelic if self.to_newrelic else None,
+        )
+
+
+def _count(counters: dict[str, int], key: str) -> None:
+    counters[key] = counters.get(key, 0) + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from shared import exitcodes
@@ -11,9 +12,18 @@ from shared.counters import Counters
 from shared.events import RAW_DECODER, RAW_ENCODER, RawBatch
 from shared.ipc import REPORT_INTERVAL, STOP, Channels, report, start_parent_watch
 from shared.logs import RateLimitedLog, setup_logging
+from workers.appnames import AppNamesWatcher
 from workers.pipeline import EventPipeline
+from workers.samples import InvalidSample
 
 log = logging.getLogger("senseflow.worker")
+
+# -- benchmark switch (benchmarks/suite.py, "receiver alone") ---------------------------------
+# SENSEFLOW_BENCH_DISCARD=1 makes every worker decode each raw batch, count its datagrams as
+# `events` and `written.discard`, and drop it: no parsing, no destinations. It measures the
+# socket -> queue rate of the readers with consumers that cost (almost) nothing. Never set
+# it in production: events are counted as written and are not.
+BENCH_DISCARD = os.environ.get("SENSEFLOW_BENCH_DISCARD") == "1"
 
 
 def run(config: Config, channels: Channels, index: int, parent_pid: int) -> int:
@@ -31,6 +41,8 @@ class Worker:
         self.name = name
         self.counters = Counters()
         self.pipeline = EventPipeline(config, load_app_names(config))
+        self.app_names = AppNamesWatcher(channels.app_names_path)
+        self.refresh_app_names()
         self.invalid_log = RateLimitedLog(log)
         self.orphan = False
 
@@ -47,12 +59,22 @@ class Worker:
                 self.process(item)
             if time.monotonic() >= next_report:
                 self.report_counters()
+                self.refresh_app_names()
                 next_report = time.monotonic() + REPORT_INTERVAL
         self.report_counters()
         return exitcodes.OK
 
     def process(self, item: bytes) -> None:
+        if BENCH_DISCARD:
+            self.discard(item)
+            return
         self.process_raw(RAW_DECODER.decode(item))
+
+    def discard(self, item: bytes) -> None:
+        """SENSEFLOW_BENCH_DISCARD=1 (benchmarks only): decode, count, drop."""
+        count = len(RAW_DECODER.decode(item).datagrams)
+        self.counters.add("events", count)
+        self.counters.add("written.discard", count)
 
     def process_raw(self, raw: RawBatch) -> None:
         batch = self.pipeline.process_batch(raw)
@@ -63,20 +85,32 @@ class Worker:
             self.process_raw(RawBatch(raw.datagrams[middle:], raw.received_ns[middle:]))
             return
         self.counters.add_all(batch.counters)
+        if self.pipeline.event_counts is not None:
+            self.pipeline.event_counts.commit()
         if batch.counters.keys() - {"events"}:
-            self.log_invalid(batch.counters)
+            self.log_invalid(batch.counters, raw)
         if batch.received_ns:
             self.channels.encoded.send(message)
 
-    def log_invalid(self, counters: dict[str, int]) -> None:
+    def log_invalid(self, counters: dict[str, int], raw: RawBatch) -> None:
         reasons = {k: v for k, v in counters.items() if k.startswith("invalid.")}
         if reasons:
-            self.invalid_log.warning("invalid datagrams in a batch: %s", reasons)
+            self.invalid_log.warning(
+                "invalid datagrams in a batch: %s; sample: %s", reasons, InvalidSample(raw)
+            )
 
     def report_counters(self) -> None:
         delta = self.counters.take_delta()
         if delta:
             report(self.channels, self.name, "counters", delta)
+        if self.pipeline.event_counts is not None and (counts := self.pipeline.event_counts.take()):
+            report(self.channels, self.name, "event_counts", counts)
+
+    def refresh_app_names(self) -> None:
+        """Take the app names the supervisor published from QRS, when they changed."""
+        mapping = self.app_names.poll()
+        if mapping is not None:
+            self.pipeline.set_app_names(mapping)
 
 
 def load_app_names(config: Config) -> dict[str, str]:

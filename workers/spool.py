@@ -140,10 +140,10 @@ class Spool:
     def size_bytes(self) -> int:
         return sum(self.segments.values())
 
-    def drop_oldest_segment(self) -> dict[str, list[int]]:
+    def drop_oldest_segment(self) -> dict[str, dict[int, int]]:
         """Delete the oldest segment to respect `max_bytes`.
 
-        Returns, per destination, the sequence numbers it had not acknowledged there: the
+        Returns, per destination, {seq: events} of the records it had not acknowledged: the
         caller counts those it never handed to the destination as dropped. Records already
         handed over stay in the destination's memory and are still delivered.
         """
@@ -151,7 +151,11 @@ class Spool:
             return {}
         first, following = sorted(self.segments)[:2]
         lost = {
-            d: [s for s in range(max(first, self.cursors[d]), following) if s in self.index]
+            d: {
+                s: self.index[s].events
+                for s in range(max(first, self.cursors[d]), following)
+                if s in self.index
+            }
             for d in self.destinations
         }
         for destination in self.destinations:

@@ -1,8 +1,10 @@
 """The writer process: takes encoded batches from the workers and feeds every destination.
 
-It never parses: batches arrive as bytes ready to send. Each sink batches, retries and
-bounds on its own; when a sink's bound is reached the writer waits, the queue from the
-workers fills, and the receivers count their drops (SPEC 4).
+It never parses: batches arrive as bytes ready to send. Each batch is appended to the
+spool first (workers/spool.py), then every destination is fed from there at its own pace
+(workers/feeds.py): a destination that is down holds back nobody, its backlog waits on
+disk (bounded; past the bound the oldest is dropped and counted), and a writer killed at
+any moment is replayed from the spool by its successor (SPEC 4, issue 5).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 import uvloop
@@ -17,10 +21,14 @@ import uvloop
 from shared import exitcodes
 from shared.config import Config
 from shared.counters import Counters
-from shared.events import ENCODED_DECODER
+from shared.delivery import make_tracker, spool_waiting
+from shared.events import ENCODED_DECODER, EncodedBatch
 from shared.ipc import REPORT_INTERVAL, STOP, Channels, report, start_parent_watch
-from shared.logs import setup_logging
+from shared.logs import RateLimitedLog, setup_logging
+from shared.tasks import spawn
+from workers.feeds import BatchCache, Feed
 from workers.sinks.base import DestinationUnreachable, Sink
+from workers.spool import Spool
 
 log = logging.getLogger("senseflow.writer")
 
@@ -42,15 +50,22 @@ def destination_names(config: Config) -> list[str]:
         names.append("influxdb")
     if butler.mqtt_config.enable and butler.user_events.send_to_mqtt.enable:
         names.append("mqtt")
+    if butler.new_relic.enable and butler.user_events.send_to_new_relic.enable:
+        names.append("newrelic")
     return names
 
 
-def make_sinks(config: Config, counters: Counters) -> list[Sink]:
+def make_sinks(
+    config: Config, counters: Counters, on_delivered: Callable[[str, list[int]], None] | None = None
+) -> list[Sink]:
     from workers.sinks.influx import InfluxSink
     from workers.sinks.mqtt import MqttSink
+    from workers.sinks.newrelic import NewRelicSink
 
-    factories: dict[str, type[InfluxSink] | type[MqttSink]] = {"influxdb": InfluxSink, "mqtt": MqttSink}
-    return [factories[name](config, counters) for name in destination_names(config)]
+    factories: dict[str, type[InfluxSink] | type[MqttSink] | type[NewRelicSink]] = {
+        "influxdb": InfluxSink, "mqtt": MqttSink, "newrelic": NewRelicSink,
+    }
+    return [factories[name](config, counters, on_delivered) for name in destination_names(config)]
 
 
 class Writer:
@@ -58,23 +73,78 @@ class Writer:
         self.config = config
         self.channels = channels
         self.counters = Counters()
-        self.sinks = make_sinks(config, self.counters)
+        self.delivery = make_tracker(config, destination_names(config), self.counters)
+        self.sinks = make_sinks(config, self.counters, self.delivery.delivered)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="writer-input")
         self.orphan = False
+        self.cache = BatchCache()
+        self.spool: Spool | None = None
+        self.feeds: list[Feed] = []
+        self.feed_tasks: list[asyncio.Task[None]] = []
+        self.drop_log = RateLimitedLog(log)
+        self.failure: BaseException | None = None
 
     def orphaned(self) -> None:
         self.orphan = True
 
+    def on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """A background task died: log why and stop; the supervisor restarts us and the
+        spool replays whatever was not delivered."""
+        error = context.get("exception")
+        log.error("%s", context.get("message"), exc_info=error)
+        if self.failure is None:
+            self.failure = error or RuntimeError(str(context.get("message")))
+
     async def serve(self) -> int:
+        asyncio.get_running_loop().set_exception_handler(self.on_loop_error)
+        if not self.open_spool():
+            return exitcodes.BOOT_FAILURE
         if not await self.start_sinks():
             return exitcodes.DESTINATION_UNREACHABLE
+        self.start_feeds()
         report(self.channels, NAME, "ready")
-        reporter = asyncio.create_task(self.report_loop(), name="writer.report")
+        background = [
+            asyncio.create_task(self.report_loop(), name="writer.report"),
+            spawn(self.sync_loop(), name="writer.spool-sync"),
+        ]
         await self.consume()
+        if self.failure is not None:
+            self.report_counters()
+            return exitcodes.FAILURE
         await self.drain()
-        reporter.cancel()
+        for task in background:
+            task.cancel()
         self.report_counters()
         return exitcodes.OK
+
+    def open_spool(self) -> bool:
+        options = self.config.pipeline.spool
+        try:
+            self.spool = Spool(
+                options.directory, [sink.name for sink in self.sinks], options.max_bytes,
+                options.segment_bytes, options.fsync,
+            )
+        except OSError as exc:
+            report(self.channels, NAME, "fatal", f"cannot use the spool {options.directory}: {exc}")
+            return False
+        self.delivery.use_pending(spool_waiting(self.spool))  # /healthz: what the spool holds
+        return True
+
+    def start_feeds(self) -> None:
+        assert self.spool is not None
+        self.feeds = [Feed(sink, self.spool, self.cache, self.counters) for sink in self.sinks]
+        for feed in self.feeds:
+            if feed.backlog:
+                log.info("%s: replaying %d batch(es) from the spool", feed.name, feed.backlog)
+            self.feed_tasks.append(spawn(feed.run(), name=f"writer.feed.{feed.name}"))
+
+    async def sync_loop(self) -> None:
+        options = self.config.pipeline.spool
+        if options.fsync != "interval" or self.spool is None:
+            return
+        while True:
+            await asyncio.sleep(options.fsync_interval / 1000)
+            self.spool.sync()
 
     async def start_sinks(self) -> bool:
         """Reach every destination; with onUnreachable=wait, keep trying until it works."""
@@ -96,25 +166,69 @@ class Writer:
 
     async def consume(self) -> None:
         loop = asyncio.get_running_loop()
-        while not self.orphan:
+        while not self.orphan and self.failure is None:
             item = await loop.run_in_executor(self.executor, self.channels.encoded.receive, 0.2)
             if item is None:
                 continue
             if item == STOP:
                 return
             batch = ENCODED_DECODER.decode(item)
-            for sink in self.sinks:
-                await sink.write_batch(batch)
+            self.delivery.accept(len(batch.received_ns))
+            self.spool_batch(item, batch)
+
+    def spool_batch(self, item: bytes, batch: EncodedBatch) -> None:
+        assert self.spool is not None
+        seq = self.spool.append(item, len(batch.received_ns))
+        self.cache.put(seq, batch)
+        for feed in self.feeds:
+            feed.wake.set()
+        while self.spool.over_limit():
+            lost = self.spool.drop_oldest_segment()
+            if not lost:
+                break
+            for feed in self.feeds:
+                dropped = feed.count_dropped(lost.get(feed.name, {}))
+                if dropped:
+                    self.drop_log.warning(
+                        "%s: spool full (%d bytes): dropped the oldest %d event(s)",
+                        feed.name, self.spool.max_bytes, dropped,
+                    )
+        if self.feeds:
+            self.cache.forget_before(min(feed.next for feed in self.feeds))
 
     async def drain(self) -> None:
+        """Deliver everything spooled; what a destination cannot take in time stays spooled."""
         started = time.monotonic()
+        for feed in self.feeds:
+            remaining = max(0.1, DRAIN_TIMEOUT - (time.monotonic() - started))
+            try:
+                await asyncio.wait_for(self.deliver_all(feed), remaining)
+            except TimeoutError:
+                log.error(
+                    "%s: %d batch(es) not delivered at exit; they stay in the spool and are "
+                    "delivered after the next start", feed.name, feed.pending_batches,
+                )
+        for task in self.feed_tasks:
+            task.cancel()
+        await asyncio.gather(*self.feed_tasks, return_exceptions=True)
         for sink in self.sinks:
             try:
-                await asyncio.wait_for(sink.close(), DRAIN_TIMEOUT)
+                await asyncio.wait_for(sink.close(), 1.0)
             except TimeoutError:
-                log.error("%s: could not deliver everything within %.0fs at exit", sink.name, DRAIN_TIMEOUT)
+                pass  # undelivered: kept in the spool
+        if self.spool is not None:
+            self.spool.close()
         log.info("writer drained in %.2fs", time.monotonic() - started)
         self.executor.shutdown(wait=False)
+
+    @staticmethod
+    async def deliver_all(feed: Feed) -> None:
+        while feed.backlog:
+            feed.wake.set()
+            await asyncio.sleep(0.01)
+        await feed.sink.flush()
+        while feed.pending_batches:
+            await asyncio.sleep(0.01)
 
     async def report_loop(self) -> None:
         while True:
@@ -125,3 +239,5 @@ class Writer:
         delta = self.counters.take_delta()
         if delta:
             report(self.channels, NAME, "counters", delta)
+        # Latency / batch histogram deltas and who waits: aggregated here, never per event.
+        report(self.channels, NAME, "delivery", self.delivery.take_report())

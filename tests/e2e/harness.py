@@ -6,9 +6,11 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,10 @@ def write_config(
     influx: InfluxServer | None = None,
     database: str = "",
     broker: MosquittoServer | None = None,
+    butler_overrides: dict[str, Any] | None = None,
     **pipeline: Any,
 ) -> Path:
+    """A config file for `senseflow run`; `butler_overrides` is merged into `Butler-SOS`."""
     butler: dict[str, Any] = {
         "userEvents": {
             "udpServerConfig": {"serverHost": "127.0.0.1", "portUserActivityEvents": udp_port},
@@ -46,9 +50,26 @@ def write_config(
         }
     if broker is not None:
         butler["mqttConfig"] = {"enable": True, "brokerHost": broker.host, "brokerPort": broker.port}
-    document = {"Butler-SOS": butler, "senseflow": {"summaryInterval": 1, **pipeline}}
+    merge(butler, butler_overrides or {})
+    own: dict[str, Any] = {"summaryInterval": 1, "spool": {"directory": str(spool_directory(path))}}
+    merge(own, pipeline)  # `spool={...}` keeps the directory unless it names one
+    document = {"Butler-SOS": butler, "senseflow": own}
     path.write_text(yaml.safe_dump(document), encoding="utf-8")
     return path
+
+
+def spool_directory(config: Path) -> Path:
+    """Where `write_config` puts the spool of the service started with `config`."""
+    return Path(f"{config.with_suffix('')}-spool")
+
+
+def merge(target: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Deep-merge `overrides` into `target`: mappings key by key, anything else replaced."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge(target[key], value)
+        else:
+            target[key] = value
 
 
 class Service:
@@ -96,6 +117,14 @@ class Service:
                 pids.append(int(entry.name))
         return pids
 
+    def kill_group(self) -> None:
+        """SIGKILL the supervisor and every child at once, as a power cut would."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+        deadline = time.monotonic() + 10
+        while self.group_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def terminate(self, timeout: float = 60.0) -> int:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout)
@@ -132,12 +161,18 @@ class Service:
 class Subscriber:
     """mosquitto_sub writing every message (topic and payload) to a file."""
 
-    def __init__(self, broker: MosquittoServer, topic: str, path: Path) -> None:
+    def __init__(
+        self, broker: MosquittoServer, topic: str, path: Path, client_id: str | None = None
+    ) -> None:
+        """With `client_id`, a persistent session (`-c`): the broker keeps the QoS 1 messages
+        queued for it across a reconnect, and, with persistence, across its own restart."""
         self.path = path
         self._out = open(path, "wb")  # noqa: SIM115 - closed in stop()
+        session = ["-c", "-i", client_id] if client_id else [
+            "-i", f"test-sub-{os.getpid()}-{time.monotonic_ns()}"]
         self.process = subprocess.Popen(
             ["mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-t", topic, "-q", "1",
-             "-v", "-i", f"test-sub-{os.getpid()}-{time.monotonic_ns()}"],
+             "-v", *session],
             stdout=self._out, stderr=subprocess.DEVNULL,
         )
         self._wait_subscribed(broker)
@@ -201,3 +236,43 @@ def influx_count(influx: InfluxServer, database: str, where: str = "") -> int:
 
 def udp_port() -> int:
     return free_ports(1)[0]
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM of a live process: the most resident memory it ever had, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def spool_usage(directory: Path) -> tuple[int, int]:
+    """Segment files and their bytes in a spool directory (read only; safe while it runs)."""
+    sizes = []
+    for segment in directory.glob("segment-*.log"):
+        try:
+            sizes.append(segment.stat().st_size)
+        except FileNotFoundError:
+            pass  # collected meanwhile
+    return len(sizes), sum(sizes)
+
+
+def spooled_events(directory: Path) -> int:
+    """Events in the complete records of a spool's segments, read only: the writer's own
+    recovery (workers.spool.Spool) would cut off a record being appended right now."""
+    header = struct.Struct("<IIQI")  # length, crc32, seq, events: workers/spool.py HEADER
+    events = 0
+    for segment in sorted(directory.glob("segment-*.log")):
+        try:
+            data = segment.read_bytes()
+        except FileNotFoundError:
+            continue
+        offset = 0
+        while offset + header.size <= len(data):
+            length, crc, _, count = header.unpack_from(data, offset)
+            payload = data[offset + header.size : offset + header.size + length]
+            if len(payload) < length or zlib.crc32(payload) != crc:
+                break
+            events += count
+            offset += header.size + length
+    return events

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 
@@ -16,6 +17,7 @@ from shared import exitcodes
 from shared.config import (
     Config,
     ConfigError,
+    Pipeline,
     config_from_document,
     load_config,
     redact,
@@ -227,10 +229,9 @@ def test_numbers_and_booleans_written_as_strings_are_accepted() -> None:
         ),
         pytest.param(
             {"senseflow": {"wokers": 4}},
-            "senseflow.wokers: unknown key (expected one of appNamesFile, batchSize, "
-            "flushInterval, logFormat, logLevel, metricsPort, mqtt, onUnreachable, "
-            "pendingEvents, queueSize, readerBatchSize, readerFlushMs, readers, "
-            "receiveBuffer, startupTimeout, summaryInterval, uaCacheSize, workers)",
+            "senseflow.wokers: unknown key (expected one of "
+            + ", ".join(sorted(f.encode_name for f in msgspec.structs.fields(Pipeline)))
+            + ")",
             id="unknown key in our own section",
         ),
         pytest.param(

@@ -91,8 +91,8 @@ def test_drop_oldest_segment_reports_unacknowledged(tmp_path: Path) -> None:
     assert spool.over_limit()
     spool.ack("influxdb", 0)
     lost = spool.drop_oldest_segment()
-    assert lost["influxdb"] == [1, 2, 3]
-    assert lost["mqtt"] == [0, 1, 2, 3]
+    assert lost["influxdb"] == {1: 3, 2: 3, 3: 3}
+    assert lost["mqtt"] == {0: 3, 1: 3, 2: 3, 3: 3}
     assert spool.cursors == {"influxdb": 4, "mqtt": 4}
     spool.ack("mqtt", 2)  # an ack for a record given up on is ignored
     assert spool.cursors["mqtt"] == 4

@@ -10,10 +10,13 @@ timestamp overwrites itself.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -21,7 +24,8 @@ from shared.backoff import Backoff
 from shared.config import Config, InfluxdbConfig
 from shared.counters import Counters
 from shared.events import EncodedBatch
-from workers.sinks.base import DestinationUnreachable
+from shared.tasks import spawn
+from workers.sinks.base import Acknowledge, DestinationUnreachable, ignore_acks
 
 log = logging.getLogger("senseflow.influxdb")
 
@@ -45,10 +49,24 @@ class WriteFailed(Exception):
 class Chunk:
     lines: list[bytes] = field(default_factory=list)
     received_ns: list[int] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)
 
     @property
     def count(self) -> int:
         return len(self.received_ns)
+
+
+def basic_auth(username: str, password: str) -> str:
+    """An `Authorization` value. UTF-8, as InfluxDB compares the bytes (aiohttp's BasicAuth
+    defaults to Latin-1, which fails any non-ASCII password, and is deprecated)."""
+    credentials = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+    return f"Basic {credentials}"
+
+
+def identifier(name: str) -> str:
+    """An InfluxQL double-quoted identifier."""
+    escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
 
 
 class V1Transport:
@@ -58,31 +76,60 @@ class V1Transport:
         self.params = {"db": v1.db_name, "precision": "ns"}
         if v1.retention_policy.name:
             self.params["rp"] = v1.retention_policy.name
-        self.auth = aiohttp.BasicAuth(v1.auth.username, v1.auth.password) if v1.auth.enable else None
+        self.headers: dict[str, str] = {}
+        if v1.auth.enable:
+            self.headers["Authorization"] = basic_auth(v1.auth.username, v1.auth.password)
         self.rp = v1.retention_policy
         self.db = v1.db_name
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
-        self.session = aiohttp.ClientSession(timeout=self.timeout, auth=self.auth)
-        await self._query(f'CREATE DATABASE "{self.db}"')
+        self.session = aiohttp.ClientSession(timeout=self.timeout, headers=self.headers)
+        try:
+            await self._create()
+        except BaseException:
+            await self.close()  # start() may be retried (onUnreachable: wait): do not leak sessions
+            raise
+
+    async def _create(self) -> None:
+        """Create the database and retention policy unless they exist. As with Butler SOS,
+        a user with only WRITE on an existing database (no admin privilege) can start."""
+        exists = self.db in await self._databases()
+        if not exists:
+            await self._query(f"CREATE DATABASE {identifier(self.db)}")
         if self.rp.name and self.rp.name != "autogen":
             duration = self.rp.duration or "INF"
             await self._query(
-                f'CREATE RETENTION POLICY "{self.rp.name}" ON "{self.db}" DURATION {duration} '
-                "REPLICATION 1"
+                f"CREATE RETENTION POLICY {identifier(self.rp.name)} ON {identifier(self.db)} "
+                f"DURATION {duration} REPLICATION 1",
+                forbidden_ok=exists,
             )
 
-    async def _query(self, statement: str) -> None:
+    async def _databases(self) -> set[str]:
+        text = await self._query("SHOW DATABASES")
+        try:
+            series = json.loads(text)["results"][0].get("series", [])
+            return {row[0] for each in series for row in each.get("values") or []}
+        except (ValueError, LookupError, TypeError, AttributeError) as exc:
+            raise DestinationUnreachable(
+                f"InfluxDB at {self.base}: not an InfluxDB answer: {text[:200]}"
+            ) from exc
+
+    async def _query(self, statement: str, *, forbidden_ok: bool = False) -> str:
         assert self.session is not None
         try:
             async with self.session.post(f"{self.base}/query", data={"q": statement}) as response:
                 text = await response.text()
-                if response.status >= 300 or '"error"' in text and "already exists" not in text:
-                    raise DestinationUnreachable(f"InfluxDB at {self.base}: {statement}: {text[:200]}")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise DestinationUnreachable(f"InfluxDB at {self.base}: {exc or type(exc).__name__}") from exc
+            raise DestinationUnreachable(
+                f"InfluxDB at {self.base}: {exc or type(exc).__name__}"
+            ) from exc
+        if response.status == 403 and forbidden_ok:
+            log.info("InfluxDB: this user may not run %s; assuming it exists", statement)
+        elif response.status >= 300 or ('"error"' in text and "already exists" not in text):
+            raise DestinationUnreachable(f"InfluxDB at {self.base}: {statement}: {text[:200]}")
+        return text
 
     async def send(self, body: bytes) -> None:
         assert self.session is not None
@@ -98,35 +145,48 @@ class V1Transport:
         raise WriteRejected(response.status, text)
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        session, self.session = self.session, None
+        if session is not None:
+            await session.close()
 
 
 class ClientTransport:
     """InfluxDB 2.x (org, bucket, token) and 3.x (database, token) via influxdb-client."""
 
     def __init__(self, cfg: InfluxdbConfig, timeout: float) -> None:
-        from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
-
         self.url = f"http://{cfg.host}:{cfg.port}"
         if cfg.version == 2:
-            token, self.org, self.bucket = cfg.v2_config.token, cfg.v2_config.org, cfg.v2_config.bucket
+            self.token, self.org, self.bucket = (
+                cfg.v2_config.token, cfg.v2_config.org, cfg.v2_config.bucket
+            )
         else:
-            token, self.org, self.bucket = cfg.v3_config.token, "", cfg.v3_config.database
-        self.client = InfluxDBClientAsync(
-            url=self.url, token=token, org=self.org, timeout=int(timeout * 1000)
-        )
-        self.write_api = self.client.write_api()
+            self.token, self.org, self.bucket = cfg.v3_config.token, "", cfg.v3_config.database
+        self.timeout_ms = int(timeout * 1000)
+        self.client: Any = None
+        self.write_api: Any = None
 
     async def open(self) -> None:
+        # Built here, not in __init__: the client's aiohttp session needs the running loop
+        # (InfluxDBClientAsync raises otherwise), and the writer builds its sinks before it.
+        from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+
+        self.client = InfluxDBClientAsync(
+            url=self.url, token=self.token, org=self.org, timeout=self.timeout_ms
+        )
+        self.write_api = self.client.write_api()
         try:
             await self.client.ping()
         except Exception as exc:  # influxdb-client raises several unrelated types here
+            await self.close()  # start() may be retried (onUnreachable: wait): do not leak sessions
             raise DestinationUnreachable(f"InfluxDB at {self.url}: {exc}") from exc
+        except BaseException:
+            await self.close()
+            raise
 
     async def send(self, body: bytes) -> None:
         from influxdb_client.rest import ApiException
 
+        assert self.write_api is not None
         try:
             await self.write_api.write(bucket=self.bucket, org=self.org, record=body)
         except ApiException as exc:
@@ -139,7 +199,9 @@ class ClientTransport:
             raise WriteFailed(str(exc) or type(exc).__name__) from exc
 
     async def close(self) -> None:
-        await self.client.close()
+        client, self.client, self.write_api = self.client, None, None
+        if client is not None:
+            await client.close()
 
 
 class InfluxSink:
@@ -159,6 +221,7 @@ class InfluxSink:
         )
         self.counters = counters
         self.on_delivered = on_delivered
+        self.on_ack: Acknowledge = ignore_acks
         self.batch_size = pipe.batch_size
         self.flush_interval = pipe.flush_interval / 1000
         self.max_pending = max(pipe.pending_events, self.batch_size * 2)
@@ -174,18 +237,20 @@ class InfluxSink:
     async def start(self) -> None:
         await self.transport.open()
         self.tasks = [
-            asyncio.create_task(self._send_loop(), name="writer.influx.send"),
-            asyncio.create_task(self._timer_loop(), name="writer.influx.timer"),
+            spawn(self._send_loop(), name="writer.influx.send"),
+            spawn(self._timer_loop(), name="writer.influx.timer"),
         ]
 
-    async def write_batch(self, batch: EncodedBatch) -> None:
+    async def write_batch(self, batch: EncodedBatch, seq: int = -1) -> None:
         if not batch.received_ns:
+            self.on_ack([seq])
             return
         while self.pending >= self.max_pending:
             self.room.clear()
             await self.room.wait()
         self.current.lines.append(batch.lines)
         self.current.received_ns.extend(batch.received_ns)
+        self.current.seqs.append(seq)
         self.pending += len(batch.received_ns)
         if self.current.count >= self.batch_size:
             self._cut()
@@ -214,6 +279,7 @@ class InfluxSink:
             self.ready.popleft()
             self.pending -= chunk.count
             self.room.set()
+            self.on_ack(chunk.seqs)
 
     async def _deliver(self, lines: list[bytes], received_ns: list[int]) -> None:
         """Write until acknowledged; a rejected batch is split to isolate its bad lines."""

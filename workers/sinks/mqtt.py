@@ -27,8 +27,9 @@ from shared.backoff import Backoff
 from shared.config import Config
 from shared.counters import Counters
 from shared.events import ACTIONS, EncodedBatch
+from shared.tasks import spawn
 from workers.sinks import mqtt_protocol as proto
-from workers.sinks.base import DestinationUnreachable
+from workers.sinks.base import Acknowledge, DestinationUnreachable, ignore_acks
 
 log = logging.getLogger("senseflow.mqtt")
 
@@ -37,6 +38,11 @@ CONNECT_TIMEOUT = 10.0
 KEEPALIVE = 30
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 MAX_PACKET_ID = 0xFFFF
+QOS2_WINDOW = 20
+"""In-flight cap at QoS 2. MQTT 3.1.1 cannot negotiate a receive maximum, and brokers bound
+the QoS 2 messages awaiting PUBREL per client (mosquitto: `max_inflight_messages`, 20 by
+default). Past it mosquitto answers PUBREC 0x97 (quota exceeded) and drops the connection;
+everything is resent and dropped again, forever."""
 
 
 @dataclass(slots=True)
@@ -51,6 +57,7 @@ class BatchState:
     remaining: int
     events: int
     received_ns: list[int]
+    seq: int = -1
 
 
 def topic_headers(config: Config) -> tuple[proto.TopicHeader | None, list[proto.TopicHeader | None]]:
@@ -85,9 +92,12 @@ class MqttSink:
         self.options = config.pipeline.mqtt
         self.counters = counters
         self.on_delivered = on_delivered
+        self.on_ack: Acknowledge = ignore_acks
         self.everything, self.per_action = topic_headers(config)
         self.qos = self.options.qos
         self.window = min(self.options.max_inflight, MAX_PACKET_ID - 1)
+        if self.qos == 2:
+            self.window = min(self.window, QOS2_WINDOW)
         self.max_pending = max(self.options.max_pending, self.window)
         self.client_id = self.options.client_id or f"senseflow-{os.getpid()}"
         self.backlog: deque[Message] = deque()
@@ -160,8 +170,8 @@ class MqttSink:
     async def start(self) -> None:
         await self.connect()
         self.tasks = [
-            asyncio.create_task(self._connection_loop(), name="writer.mqtt.connection"),
-            asyncio.create_task(self._keepalive_loop(), name="writer.mqtt.keepalive"),
+            spawn(self._connection_loop(), name="writer.mqtt.connection"),
+            spawn(self._keepalive_loop(), name="writer.mqtt.keepalive"),
         ]
 
     async def _connection_loop(self) -> None:
@@ -231,14 +241,23 @@ class MqttSink:
 
     # -- publishing -------------------------------------------------------------------------
 
-    async def write_batch(self, batch: EncodedBatch) -> None:
+    async def write_batch(self, batch: EncodedBatch, seq: int = -1) -> None:
         messages = self._messages(batch)
         if not messages:
+            # Every topic of these events is disabled: done, and counted as the events of a
+            # batch with something to publish are (else written.mqtt depends on batching).
+            if batch.mqtt_payloads:
+                self.counters.add("written.mqtt", len(batch.mqtt_payloads))
+                if self.on_delivered is not None:
+                    self.on_delivered(NAME, batch.received_ns)
+            self.on_ack([seq])
             return
         while self.outstanding >= self.max_pending:
             self.room.clear()
             await self.room.wait()
-        self.batches[self.next_batch] = BatchState(len(messages), len(batch.mqtt_payloads), batch.received_ns)
+        self.batches[self.next_batch] = BatchState(
+            len(messages), len(batch.mqtt_payloads), batch.received_ns, seq
+        )
         self.next_batch += 1
         self.outstanding += len(messages)
         self.idle.clear()
@@ -303,6 +322,7 @@ class MqttSink:
             self.counters.add("written.mqtt", state.events)
             if self.on_delivered is not None:
                 self.on_delivered(NAME, state.received_ns)
+            self.on_ack([state.seq])
         self.room.set()
         if not self.outstanding:
             self.idle.set()

@@ -1,0 +1,609 @@
+"""Ratios, targets, the Markdown table, the plots and `compare` for benchmarks/suite.py.
+
+python -m benchmarks.report compare OLD.json NEW.json   # ratio changes between runs
+python -m benchmarks.report markdown RUN.json           # the table again
+python -m benchmarks.report plot RUN.json --out DIR     # the plots again
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+RATE_10K = "10000.0"
+
+
+def _best(e2e: dict[str, Any], mode: str) -> dict[str, float]:
+    return {w: r["max_zero_loss_rate"] for w, r in e2e.get(mode, {}).items()}
+
+
+def ratios(results: dict[str, Any]) -> dict[str, Any]:
+    """Every machine-dependent figure as a ratio to a ceiling of the same run."""
+    ceilings = results["ceilings"]
+    sink, broker = ceilings["sink"]["rate"], ceilings["broker"]["rate"]
+    e2e = results.get("end_to_end", {})
+    out: dict[str, Any] = {
+        "receiver_over_socket": results["receiver_alone"]["ratio_to_socket"],
+        "e2e_influx_over_sink": {w: round(r / sink, 3) for w, r in _best(e2e, "influx").items()},
+        "e2e_influx_mqtt_over_sink": {
+            w: round(r / sink, 3) for w, r in _best(e2e, "influx+mqtt").items()
+        },
+        "e2e_influx_mqtt_over_broker": {
+            w: round(r / broker, 3) for w, r in _best(e2e, "influx+mqtt").items()
+        },
+        "sink_serial_over_concurrent": round(
+            ceilings["sink"]["rates"]["serial"] / ceilings["sink"]["rates"]["concurrent_2"], 3
+        ),
+        "broker_clients_over_senseflow": {
+            name: round(rate / broker, 3) for name, rate in ceilings["broker"]["rates"].items()
+        },
+    }
+    return out
+
+
+def _step(results: dict[str, Any], workers: str, rate: float) -> dict[str, Any] | None:
+    for step in results.get("latency", {}).get(workers, []):
+        if step["rate"] == rate and "error" not in step:
+            return dict(step)
+    return None
+
+
+def _verdict(name: str, goal: str, met: bool | None, measured: str) -> dict[str, Any]:
+    return {"target": name, "goal": goal, "met": met, "measured": measured}
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets: what was measured (per workers count), and whether it was met."""
+    r = ratios(results)
+    e2e = results.get("end_to_end", {})
+    found = []
+    influx = r["e2e_influx_over_sink"]
+    found.append(
+        _verdict(
+            "end to end into InfluxDB 1.x, zero loss",
+            ">= 70 % of the sink ceiling",
+            max(influx.values(), default=0) >= 0.70 if influx else None,
+            ", ".join(f"w{w}: {v:.0%}" for w, v in influx.items()),
+        )
+    )
+    mqtt = _best(e2e, "influx+mqtt")
+    found.append(
+        _verdict(
+            "end to end with MQTT QoS 1 as well, zero loss",
+            ">= 20,000 events/s",
+            max(mqtt.values(), default=0) >= 20_000 if mqtt else None,
+            ", ".join(f"w{w}: {v:,.0f}/s" for w, v in mqtt.items()),
+        )
+    )
+    for mode, limit in (("influx", 10.0), ("influx+mqtt", 20.0)):
+        cpu = {w: m["at_10k"]["cpu_us_per_event"] for w, m in e2e.get(mode, {}).items()}
+        found.append(
+            _verdict(
+                f"senseflow CPU per event at 10,000/s, {mode}",
+                f"<= {limit:g} µs (all processes)",
+                min(cpu.values(), default=1e9) <= limit if cpu else None,
+                ", ".join(f"w{w}: {v:.1f} µs" for w, v in cpu.items()),
+            )
+        )
+    found.append(
+        _verdict(
+            "receiver alone",
+            ">= 90 % of the socket ceiling",
+            r["receiver_over_socket"] >= 0.90,
+            f"{r['receiver_over_socket']:.0%}",
+        )
+    )
+    steps = {w: s for w in results.get("latency", {}) if (s := _step(results, w, 10_000.0))}
+    for key, name, limit in (
+        ("influx_latency_ms", "receive -> InfluxDB ack", 250.0),
+        ("mqtt_latency_ms", "receive -> MQTT delivery", 50.0),
+    ):
+        p99 = {w: s[key].get("p99") for w, s in steps.items()}
+        found.append(
+            _verdict(
+                f"p99 {name} at 10,000/s",
+                f"<= {limit:g} ms",
+                all(v is not None and v <= limit for v in p99.values()) if p99 else None,
+                ", ".join(f"w{w}: {v} ms" for w, v in p99.items()),
+            )
+        )
+    rss = {w: s["peak_total_rss_mb"] for w, s in steps.items()}
+    found.append(
+        _verdict(
+            "total RSS at 10,000/s",
+            "<= 200 MB",
+            all(v <= 200 for v in rss.values()) if rss else None,
+            ", ".join(
+                f"w{w}: {v:.0f} MB (PSS {s['pss_mb_total']:.0f})"
+                for (w, v), s in zip(rss.items(), steps.values(), strict=True)
+            ),
+        )
+    )
+    overload = results.get("overload")
+    if overload:
+        found.append(
+            _verdict(
+                "RSS under overload (2x max)",
+                "flat (second-half peak <= first-half peak + 10 %)",
+                overload["rss_flat"],
+                f"{overload['rss_first_half_peak_mb']:.0f} -> "
+                f"{overload['rss_second_half_peak_mb']:.0f} MB "
+                f"({overload['rss_growth_pct']:+.0f} %)",
+            )
+        )
+        found.append(
+            _verdict(
+                "counters add up under overload",
+                "all checks",
+                all(overload["checks"].values()),
+                "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in overload["checks"].items()),
+            )
+        )
+    return found
+
+
+# -- Markdown ---------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|",
+    ]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _n(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.0f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    m = meta["machine"]
+    c = results["ceilings"]
+    r = results.get("ratios") or ratios(results)
+    parts = [
+        f"- Date: {meta['date']}; {meta['mode']} run, {meta.get('elapsed_s', 0) / 60:.1f} min; "
+        f"commit `{meta['commit']}`{' with local changes' if meta['local_changes'] else ''}",
+        f"- Command: `{meta['command']}`",
+        f"- Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['platform']}, Python {m['python']}",
+        f"- Servers: {meta['servers']['influxd']}; {meta['servers']['mosquitto']}",
+        "- Packages: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items()),
+        "",
+        "**Ceilings** (median of repeats)",
+        "",
+        _table(
+            ["ceiling", "rate", "notes"],
+            [
+                [
+                    "socket: bare uvloop loop, counting",
+                    f"{_n(c['socket']['rate'])} datagrams/s",
+                    "draining a socket pre-filled by `senseflow send`; while flooded by it: "
+                    f"{_n(c['socket']['flood_rate'])}/s"
+                    + (
+                        " (sender-bound: no kernel drops)"
+                        if all(x["flood"]["sender_bound"] for x in c["socket"]["runs"])
+                        else ""
+                    ),
+                ],
+                [
+                    "sink: InfluxDB, line protocol, batches of 5,000",
+                    f"{_n(c['sink']['rate'])} points/s",
+                    f"1 request at a time {_n(c['sink']['rates']['serial'])}, "
+                    f"2 at a time {_n(c['sink']['rates']['concurrent_2'])}",
+                ],
+                [
+                    "broker: Mosquitto, QoS 1, our MqttSink",
+                    f"{_n(c['broker']['rate'])} messages/s",
+                    "one subscriber on the topic",
+                ],
+            ],
+        ),
+        "",
+        "**MQTT publishers** (same payloads, QoS 1, one subscriber; client CPU per message "
+        "in the publishing process)",
+        "",
+        _table(
+            ["client", "messages/s", "× ours", "client CPU µs/message"],
+            [
+                [
+                    name,
+                    _n(rate),
+                    f"{r['broker_clients_over_senseflow'][name]:.2f}",
+                    c["broker"]["client_cpu_us_per_message"][name],
+                ]
+                for name, rate in c["broker"]["rates"].items()
+            ],
+        ),
+        "",
+        "**Receiver alone** (socket -> queue, 1 reader, workers discard)",
+        "",
+        _receiver_table(results, c),
+        "",
+        "**End to end**: highest steady zero-loss rate (bounded search), and CPU at 10,000/s",
+        "",
+        _e2e_table(results, r),
+        "",
+        "**Latency steps** (InfluxDB + MQTT everything topic; receive -> InfluxDB ack, "
+        "receive -> MQTT delivery)",
+        "",
+        _latency_table(results),
+    ]
+    if results.get("overload"):
+        parts += ["", _overload_text(results["overload"])]
+    parts += [
+        "",
+        "**Targets**",
+        "",
+        _table(
+            ["target", "goal", "measured", "met"],
+            [
+                [
+                    t["target"],
+                    t["goal"],
+                    t["measured"],
+                    {True: "yes", False: "**no**", None: "—"}[t["met"]],
+                ]
+                for t in results.get("targets") or targets(results)
+            ],
+        ),
+    ]
+    if results.get("errors"):
+        parts += ["", "**Errors** (phases that failed; the rest ran):", ""]
+        parts += [f"- {e['phase']}: `{e['error']}`" for e in results["errors"]]
+    if meta.get("plots"):
+        parts += [
+            "",
+            "Plots: " + ", ".join(f"[{Path(p).name}]({Path(p).name})" for p in meta["plots"]),
+        ]
+    return "\n".join(parts) + "\n"
+
+
+def _receiver_table(results: dict[str, Any], c: dict[str, Any]) -> str:
+    alone = results["receiver_alone"]
+    rows = []
+    for method, rate_key, ratio_key in (
+        ("drain (pre-filled socket)", "rate", "ratio_to_socket"),
+        ("flood (while sending)", "flood_rate", "flood_ratio_to_socket"),
+    ):
+        key = "drain" if method.startswith("drain") else "flood"
+        rows.append(
+            [
+                method,
+                f"{_n(c['socket'][rate_key])}/s",
+                f"{_n(alone[rate_key])}/s",
+                f"{alone[ratio_key]:.2f}",
+                ", ".join(f"{x[key]['kernel_drops']:,}" for x in alone["runs"]),
+                ", ".join(f"{x[key]['dropped_queue_full']:,}" for x in alone["runs"]),
+            ]
+        )
+    return _table(
+        [
+            "method",
+            "socket ceiling",
+            "senseflow reader",
+            "ratio (median of repeats)",
+            "kernel drops",
+            "queue-full drops",
+        ],
+        rows,
+    )
+
+
+def _e2e_table(results: dict[str, Any], r: dict[str, Any]) -> str:
+    e2e = results.get("end_to_end", {})
+    rows = []
+    for w in e2e.get("influx", {}):
+        influx, both = e2e["influx"][w], e2e.get("influx+mqtt", {}).get(w, {})
+        rows.append(
+            [
+                w,
+                f"{_n(influx['max_zero_loss_rate'])}/s",
+                f"{r['e2e_influx_over_sink'].get(w, 0):.2f}",
+                f"{_n(both.get('max_zero_loss_rate'))}/s",
+                f"{r['e2e_influx_mqtt_over_sink'].get(w, 0):.2f}",
+                f"{r['e2e_influx_mqtt_over_broker'].get(w, 0):.2f}",
+                influx["at_10k"]["cpu_us_per_event"],
+                both.get("at_10k", {}).get("cpu_us_per_event", "—"),
+                len(influx["trials"]) + len(both.get("trials", [])),
+            ]
+        )
+    return _table(
+        [
+            "workers",
+            "InfluxDB only",
+            "/ sink",
+            "InfluxDB + MQTT",
+            "/ sink",
+            "/ broker",
+            "CPU µs/event, InfluxDB only",
+            "CPU µs/event, + MQTT",
+            "trials",
+        ],
+        rows,
+    )
+
+
+def _latency_table(results: dict[str, Any]) -> str:
+    rows = []
+    for w, steps in results.get("latency", {}).items():
+        for s in steps:
+            if "error" in s:
+                rows.append(
+                    [w, _n(s["rate"]), "—", f"failed: {s['error']}", "", "", "", "", "", ""]
+                )
+                continue
+            i, q, d = s["influx_latency_ms"], s["mqtt_latency_ms"], s.get("influx_write_ms", {})
+            machine = s.get("machine", {})
+            rows.append(
+                [
+                    w,
+                    _n(s["rate"]),
+                    _n(s["achieved_rate"]),
+                    f"{i.get('p50', '—')} / {i.get('p99', '—')} / {i.get('p99.9', '—')}",
+                    f"{d.get('p50', '—')} / {d.get('p99', '—')}",
+                    f"{q.get('p50', '—')} / {q.get('p99', '—')} / {q.get('p99.9', '—')}",
+                    f"{s['influx_delivered']:,} / {s['mqtt_delivered']:,} of {s['sent']:,}",
+                    s["cpu_us_per_event_total"],
+                    f"{s['peak_total_rss_mb']:.0f} ({s['pss_mb_total']:.0f})",
+                    f"{machine.get('busy_pct', '—')} % / {machine.get('loadavg_1m', '—')}",
+                ]
+            )
+    return _table(
+        [
+            "workers",
+            "rate/s",
+            "sent/s",
+            "InfluxDB ack p50 / p99 / p99.9 ms",
+            "of which InfluxDB /write p50 / p99 ms",
+            "MQTT p50 / p99 / p99.9 ms",
+            "acked / delivered",
+            "CPU µs/event",
+            "total RSS MB (PSS)",
+            "machine busy / load",
+        ],
+        rows,
+    )
+
+
+def _overload_text(o: dict[str, Any]) -> str:
+    counters = o["counters"]
+    keys = (
+        "received",
+        "events",
+        "dropped.kernel",
+        "dropped.queue_full",
+        "written.influxdb",
+        "written.mqtt",
+    )
+    return (
+        f"**Overload**: {_n(o['rate'])}/s (2x the max) for {o['send_seconds']} s "
+        f"with {o['workers']} workers, "
+        f"sent {o['sent']:,} at {_n(o['achieved_rate'])}/s; "
+        + ", ".join(f"{k} {counters.get(k, 0):,}" for k in keys)
+        + f"; stored: {o['stored']}. "
+        f"Total RSS peak {o['rss_first_half_peak_mb']:.0f} MB in the first half, "
+        f"{o['rss_second_half_peak_mb']:.0f} MB in the second ({o['rss_growth_pct']:+.0f} %); "
+        "checks: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in o["checks"].items()) + "."
+    )
+
+
+# -- plots ------------------------------------------------------------------------------------
+
+
+def plot(results: dict[str, Any], directory: Path, prefix: str = "") -> list[str]:
+    """Throughput vs workers, latency vs rate and (if measured) RSS under overload, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    _plot_throughput(axes, results)
+    written.append(_save(figure, directory / f"{prefix}throughput-vs-workers.png", plt))
+    figure, axes_pair = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    _plot_latency(axes_pair, results)
+    written.append(_save(figure, directory / f"{prefix}latency-vs-rate.png", plt))
+    if results.get("overload"):
+        figure, axes = plt.subplots(figsize=(7, 4))
+        _plot_overload(axes, results["overload"])
+        written.append(_save(figure, directory / f"{prefix}overload-rss.png", plt))
+    return [str(p) for p in written]
+
+
+def _save(figure: Any, path: Path, plt: Any) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _plot_throughput(axes: Any, results: dict[str, Any]) -> None:
+    e2e = results.get("end_to_end", {})
+    for mode, label in (
+        ("influx", "end to end, InfluxDB only"),
+        ("influx+mqtt", "end to end, InfluxDB + MQTT QoS 1"),
+    ):
+        best = _best(e2e, mode)
+        axes.plot([int(w) for w in best], list(best.values()), marker="o", label=label)
+    c = results["ceilings"]
+    axes.axhline(
+        c["sink"]["rate"], linestyle="--", color="tab:green", label="sink ceiling (InfluxDB)"
+    )
+    axes.axhline(
+        c["broker"]["rate"],
+        linestyle=":",
+        color="tab:purple",
+        label="broker ceiling (Mosquitto QoS 1)",
+    )
+    axes.axhline(
+        0.7 * c["sink"]["rate"],
+        linestyle="--",
+        color="tab:green",
+        linewidth=0.8,
+        alpha=0.6,
+        label="target InfluxDB only: 70 % of the sink ceiling",
+    )
+    axes.axhline(
+        20_000, linestyle="-.", color="grey", linewidth=0.8, label="target with MQTT: 20,000/s"
+    )
+    axes.set_xlabel("--workers")
+    axes.set_ylabel("highest steady zero-loss rate (events/s)")
+    axes.set_xticks(sorted({int(w) for m in e2e.values() for w in m}))
+    axes.set_ylim(bottom=0)
+    axes.set_title(
+        f"Throughput vs workers ({results['meta']['date'][:10]}, {results['meta']['mode']} run)"
+    )
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+
+
+def _plot_latency(axes_pair: Any, results: dict[str, Any]) -> None:
+    for axes, key, title, limit in zip(
+        axes_pair,
+        ("influx_latency_ms", "mqtt_latency_ms"),
+        ("receive -> InfluxDB ack", "receive -> MQTT delivery"),
+        (250, 50),
+        strict=True,
+    ):
+        for index, (w, steps) in enumerate(results.get("latency", {}).items()):
+            rates = [s["rate"] for s in steps]
+            for point, style in (("p50", ":"), ("p99", "-"), ("p99.9", "--")):
+                values = [s[key].get(point) for s in steps]
+                axes.plot(
+                    rates,
+                    values,
+                    linestyle=style,
+                    marker="o",
+                    color=f"C{index}",
+                    label=f"{w} worker(s) {point}",
+                )
+        axes.axhline(limit, color="red", linewidth=0.8, label=f"p99 target {limit} ms at 10k/s")
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+        axes.set_xlabel("rate (events/s)")
+        axes.set_title(title)
+        axes.grid(alpha=0.3, which="both")
+        axes.legend(fontsize=7)
+    axes_pair[0].set_ylabel("latency (ms)")
+
+
+def _plot_overload(axes: Any, overload: dict[str, Any]) -> None:
+    times = [t for t, _ in overload["rss_total_mb"]]
+    axes.plot(
+        times,
+        [mb for _, mb in overload["rss_total_mb"]],
+        label="total RSS, all senseflow processes",
+    )
+    axes.set_xlabel("seconds since the overload started")
+    axes.set_ylabel("MB")
+    axes.set_ylim(bottom=0)
+    axes.set_title(f"RSS at {overload['rate']:,.0f}/s (2x max), {overload['workers']} workers")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+
+
+# -- compare ----------------------------------------------------------------------------------
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, float]:
+    if isinstance(value, dict):
+        out: dict[str, float] = {}
+        for key, inner in value.items():
+            out.update(flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return (
+        {prefix: float(value)}
+        if isinstance(value, int | float) and not isinstance(value, bool)
+        else {}
+    )
+
+
+def headline(results: dict[str, Any]) -> dict[str, float]:
+    """Absolute figures worth a look next to the ratios (machine-dependent)."""
+    c = results["ceilings"]
+    out = {
+        "ceiling.socket": c["socket"]["rate"],
+        "ceiling.sink": c["sink"]["rate"],
+        "ceiling.broker": c["broker"]["rate"],
+        "receiver_alone": results["receiver_alone"]["rate"],
+    }
+    for mode, per in results.get("end_to_end", {}).items():
+        for w, r in per.items():
+            out[f"e2e.{mode}.w{w}.max_rate"] = r["max_zero_loss_rate"]
+            out[f"e2e.{mode}.w{w}.cpu_us_per_event_10k"] = r["at_10k"]["cpu_us_per_event"]
+    for w in results.get("latency", {}):
+        step = _step(results, w, 10_000.0)
+        if step:
+            out[f"latency.w{w}.10k.influx_p99_ms"] = step["influx_latency_ms"].get("p99", 0)
+            out[f"latency.w{w}.10k.mqtt_p99_ms"] = step["mqtt_latency_ms"].get("p99", 0)
+            out[f"latency.w{w}.10k.total_rss_mb"] = step["peak_total_rss_mb"]
+    return out
+
+
+def compare(old: dict[str, Any], new: dict[str, Any]) -> str:
+    lines = [
+        f"old: {old['meta']['date']} {old['meta']['mode']} (commit {old['meta']['commit']})",
+        f"new: {new['meta']['date']} {new['meta']['mode']} (commit {new['meta']['commit']})",
+        "",
+    ]
+    for title, a, b in (
+        (
+            "ratios (same-run, comparable across machines)",
+            flatten(old.get("ratios") or ratios(old)),
+            flatten(new.get("ratios") or ratios(new)),
+        ),
+        ("absolute figures (depend on the machine and its noise)", headline(old), headline(new)),
+    ):
+        lines.append(title)
+        width = max((len(k) for k in a.keys() | b.keys()), default=10)
+        for key in sorted(a.keys() | b.keys()):
+            was, now = a.get(key), b.get(key)
+            change = f"{(now / was - 1) * 100:+7.1f} %" if was and now is not None else "       —"
+            lines.append(f"  {key:<{width}}  {_fmt(was):>12} -> {_fmt(now):>12}  {change}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.0f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    comparing = commands.add_parser(
+        "compare", help="print ratio changes between two suite JSON files"
+    )
+    comparing.add_argument("old", type=Path)
+    comparing.add_argument("new", type=Path)
+    table = commands.add_parser("markdown", help="print the Markdown table of a suite JSON file")
+    table.add_argument("run", type=Path)
+    plots = commands.add_parser("plot", help="draw the plots of a suite JSON file")
+    plots.add_argument("run", type=Path)
+    plots.add_argument("--out", type=Path, default=Path("benchmarks"))
+    args = parser.parse_args(argv)
+    if args.command == "compare":
+        print(compare(orjson.loads(args.old.read_bytes()), orjson.loads(args.new.read_bytes())))
+    elif args.command == "markdown":
+        print(markdown(orjson.loads(args.run.read_bytes())))
+    else:
+        print("\n".join(plot(orjson.loads(args.run.read_bytes()), args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

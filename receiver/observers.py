@@ -1,0 +1,44 @@
+"""What the supervisor runs beside its children: `/metrics` + `/healthz`, InfluxDB stats."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("senseflow.supervisor")
+
+
+class Observers:
+    """Started before the children (so that /healthz answers during boot), stopped last."""
+
+    def __init__(self) -> None:
+        self.running: list[Any] = []
+
+    def stop(self) -> None:
+        for observer in reversed(self.running):
+            observer.stop()
+        self.running.clear()
+
+
+def start_observers(supervisor: Any) -> Observers | None:
+    """None when the metrics port cannot be bound (reported, the service does not start)."""
+    from receiver.influxstats import InfluxStats
+    from receiver.metrics import MetricsServer
+
+    observers = Observers()
+    pipe = supervisor.config.pipeline
+    if pipe.metrics_port > 0:
+        try:
+            server = MetricsServer(supervisor, pipe.metrics_host, pipe.metrics_port)
+        except (OSError, OverflowError) as exc:
+            log.error(
+                "cannot serve metrics on %s:%d: %s", pipe.metrics_host, pipe.metrics_port, exc
+            )
+            return None
+        server.start()
+        observers.running.append(server)
+    stats = InfluxStats(supervisor)
+    if stats.enabled:
+        stats.start()
+        observers.running.append(stats)
+    return observers

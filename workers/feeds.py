@@ -1,0 +1,98 @@
+"""Feeding each destination from the spool, in order, at its own pace.
+
+The writer appends every batch to the spool and wakes the feeds; each feed hands its
+sink the next record it has not handed yet (from the in-memory cache when it is recent,
+else read back from disk) and the sink acknowledges records once delivered. A slow or
+dead destination therefore holds back nobody else: its backlog waits on disk, bounded,
+while the others keep up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from shared.counters import Counters
+from shared.events import ENCODED_DECODER, EncodedBatch
+from workers.sinks.base import Sink
+from workers.spool import Spool
+
+log = logging.getLogger("senseflow.writer")
+
+CACHE_BATCHES = 256
+
+
+class BatchCache:
+    """Recent batches, decoded, so that feeds keeping up never read the disk."""
+
+    def __init__(self, limit: int = CACHE_BATCHES) -> None:
+        self.limit = limit
+        self.batches: dict[int, EncodedBatch] = {}
+
+    def put(self, seq: int, batch: EncodedBatch) -> None:
+        self.batches[seq] = batch
+        while len(self.batches) > self.limit:
+            del self.batches[next(iter(self.batches))]
+
+    def forget_before(self, seq: int) -> None:
+        for old in [s for s in self.batches if s < seq]:
+            del self.batches[old]
+
+
+class Feed:
+    def __init__(self, sink: Sink, spool: Spool, cache: BatchCache, counters: Counters) -> None:
+        self.sink = sink
+        self.name = sink.name
+        self.spool = spool
+        self.cache = cache
+        self.counters = counters
+        self.next = spool.cursors[self.name]
+        self.wake = asyncio.Event()
+        self.idle = asyncio.Event()
+        sink.on_ack = self.acknowledged
+
+    def acknowledged(self, seqs: list[int]) -> None:
+        for seq in seqs:
+            self.spool.ack(self.name, seq)
+
+    @property
+    def backlog(self) -> int:
+        """Records not yet handed to the sink."""
+        return max(0, self.spool.next_seq - max(self.next, self.spool.cursors[self.name]))
+
+    @property
+    def pending_batches(self) -> int:
+        """Records not yet acknowledged by the destination."""
+        return sum(1 for _ in self.spool.pending(self.name))
+
+    async def run(self) -> None:
+        while True:
+            seq = self._next_pending()
+            if seq is None:
+                self.idle.set()
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            self.idle.clear()
+            batch = self.cache.batches.get(seq)
+            if batch is None:
+                batch = ENCODED_DECODER.decode(self.spool.read(seq))
+            self.next = seq + 1
+            await self.sink.write_batch(batch, seq)
+
+    def _next_pending(self) -> int | None:
+        seq = max(self.next, self.spool.cursors[self.name])
+        while seq < self.spool.next_seq:
+            if seq in self.spool.index:
+                return seq
+            seq += 1
+        self.next = seq
+        return None
+
+    def count_dropped(self, records: dict[int, int]) -> int:
+        """Of the records {seq: events} the spool gave up on, count those never handed over."""
+        dropped = sum(events for seq, events in records.items() if seq >= self.next)
+        if dropped:
+            self.counters.add(f"dropped.destination_full.{self.name}", dropped)
+        self.next = max(self.next, max(records, default=-1) + 1)
+        return dropped

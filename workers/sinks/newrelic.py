@@ -1,0 +1,369 @@
+"""New Relic destination: the Event API, one ordered queue per destination account (SPEC 3, 4).
+
+The workers already encoded every event as one JSON object; here they are only joined into
+a JSON array (`[a,b,c]`, never parsed again), gzipped, and POSTed to
+`<url>/v1/accounts/<accountId>/events` with that account's `Api-Key`.
+
+- Every account in `sendToNewRelic.destinationAccount` gets every event. Per account, events
+  wait in order in chunks of at most MAX_EVENTS events and MAX_RAW_BYTES bytes, cut early
+  by the pipeline's `flushInterval`; one request per account is in flight at a time.
+- A gzipped body must stay within the API's 1 MB (10^6 bytes) per request: a larger one is
+  split in halves before it is sent, and so is a batch the API answers 413 to.
+- 5xx, 408, 429 and network errors are retried until the API accepts the batch (its
+  `Retry-After` honoured, else capped exponential backoff with full jitter), in order:
+  nothing is dropped. Other 4xx answers cannot succeed by retrying: their events are
+  counted as failed and a sample is logged.
+- Pending events are bounded per account by `pendingEvents`; the writer waits at the bound.
+- Counters: `written.newrelic` and `failed.newrelic` are summed over accounts (an event sent
+  to two accounts counts twice, once per delivery); `newrelic.written.<account>` and
+  `newrelic.failed.<account>` per account; `retries.newrelic`; `newrelic.splits`.
+- API keys and custom headers are never logged; answers are redacted before logging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import gzip
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from shared.backoff import Backoff
+from shared.config import Config, redact
+from shared.counters import Counters
+from shared.events import EncodedBatch
+from shared.logs import RateLimitedLog
+from shared.tasks import spawn
+from workers.sinks.base import Acknowledge, DestinationUnreachable, ignore_acks
+
+log = logging.getLogger("senseflow.newrelic")
+
+NAME = "newrelic"
+MAX_BODY_BYTES = 1_000_000
+"""The Event API's limit per request, of the (compressed) body."""
+MAX_EVENTS = 5_000
+MAX_RAW_BYTES = 4_000_000
+"""Uncompressed bytes per chunk: our events gzip 10-20x, so one chunk is rarely split."""
+REQUEST_TIMEOUT = 30.0
+MAX_RETRY_AFTER = 300.0
+RETRIED_STATUSES = frozenset({408, 429})
+_OWN_HEADERS = frozenset({"api-key", "content-type", "content-encoding", "content-length"})
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Chunk:
+    events: list[bytes] = field(default_factory=list)
+    received_ns: list[int] = field(default_factory=list)
+    size: int = 0
+    seqs: list[int] = field(default_factory=list)
+    """Batches whose last event is in this chunk: complete once it is delivered."""
+
+    @property
+    def count(self) -> int:
+        return len(self.events)
+
+    def has_room(self, events: int, size: int) -> bool:
+        return self.count + events <= MAX_EVENTS and self.size + size <= MAX_RAW_BYTES
+
+
+@dataclass(slots=True)
+class Answer:
+    status: int  # 0: no answer (network error, timeout)
+    text: str = ""
+    retry_after: float | None = None
+
+
+class Account:
+    """One destination account: where its events go, and the events waiting for it."""
+
+    def __init__(self, name: str, url: str, headers: dict[str, str]) -> None:
+        self.name = name
+        self.url = url
+        self.headers = headers
+        self.current = Chunk()
+        self.ready: deque[Chunk] = deque()
+        self.pending = 0
+        self.backoff = Backoff(base=0.1, cap=30.0)
+        self.wake = asyncio.Event()
+        self.idle = asyncio.Event()
+
+    def add(self, events: list[bytes], received_ns: list[int], seq: int = -1) -> None:
+        size = sum(map(len, events))
+        if self.current.has_room(len(events), size):
+            self.current.events.extend(events)
+            self.current.received_ns.extend(received_ns)
+            self.current.size += size
+        else:
+            for event, ns in zip(events, received_ns, strict=True):
+                if not self.current.has_room(1, len(event)):
+                    self.cut()
+                self.current.events.append(event)
+                self.current.received_ns.append(ns)
+                self.current.size += len(event)
+        self.pending += len(events)
+        self.current.seqs.append(seq)
+        if not self.current.has_room(1, 0):
+            self.cut()
+
+    def cut(self) -> None:
+        if self.current.count:
+            self.ready.append(self.current)
+            self.current = Chunk()
+            self.wake.set()
+
+
+def request_headers(config: Config) -> dict[str, str]:
+    """The configured custom headers; ours (key, content type, encoding) always win."""
+    headers = {
+        h.name: h.value
+        for h in config.butler.new_relic.event.header or []
+        if h.name.lower() not in _OWN_HEADERS
+    }
+    headers["Content-Type"] = "application/json"
+    headers["Content-Encoding"] = "gzip"
+    return headers
+
+
+def make_accounts(config: Config) -> list[Account]:
+    butler = config.butler
+    base = butler.new_relic.event.url.rstrip("/")
+    credentials = {a.account_name: a for a in butler.third_party_tools_credentials.new_relic or []}
+    common = request_headers(config)
+    accounts = []
+    for name in butler.user_events.send_to_new_relic.destination_account or []:
+        account = credentials[name]  # check_semantics guarantees it exists
+        headers = {**common, "Api-Key": account.insert_api_key}
+        accounts.append(Account(name, f"{base}/v1/accounts/{account.account_id}/events", headers))
+    return accounts
+
+
+def tls_context(ca_file: str) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
+def gzip_array(events: list[bytes]) -> bytes:
+    """The events as one JSON array, gzipped."""
+    return gzip.compress(b"[" + b",".join(events) + b"]", compresslevel=6, mtime=0)
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header (seconds, or an HTTP date) as seconds from now, capped."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return min(max(0.0, when - (time.time() if now is None else now)), MAX_RETRY_AFTER)
+
+
+class NewRelicSink:
+    name = NAME
+
+    def __init__(
+        self,
+        config: Config,
+        counters: Counters,
+        on_delivered: Callable[[str, list[int]], None] | None = None,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.config = config
+        self.counters = counters
+        self.on_delivered = on_delivered
+        self.on_ack: Acknowledge = ignore_acks
+        self.awaiting: dict[int, int] = {}  # seq -> accounts that have not delivered it yet
+        self.sleep = sleep
+        self.base_url = config.butler.new_relic.event.url.rstrip("/")
+        self.accounts = make_accounts(config)
+        self.flush_interval = config.pipeline.flush_interval / 1000
+        self.max_pending = max(config.pipeline.pending_events, MAX_EVENTS * 2)
+        self.session: aiohttp.ClientSession | None = None
+        self.room = asyncio.Event()
+        self.rejected_log = RateLimitedLog(log)
+        self.retry_log = RateLimitedLog(log, interval=5.0)
+        self.tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the session and check that the API host answers over HTTPS (any status)."""
+        ca_file = self.config.pipeline.new_relic_ca_file
+        try:
+            context = tls_context(ca_file)
+        except OSError as exc:  # ssl.SSLError is one
+            raise DestinationUnreachable(f"New Relic: cannot load {ca_file}: {exc}") from exc
+        if self.session is not None:  # a start that timed out before (onUnreachable: wait)
+            await self.session.close()
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
+            connector=aiohttp.TCPConnector(ssl=context),
+            trust_env=True,  # HTTPS_PROXY / NO_PROXY, as Butler SOS's axios honours them
+        )
+        try:
+            async with self.session.get(self.base_url + "/") as response:
+                await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            await self.session.close()
+            self.session = None
+            detail = redact(str(exc) or type(exc).__name__, self.config)
+            raise DestinationUnreachable(f"New Relic at {self.base_url}: {detail}") from exc
+        self.tasks = [
+            spawn(self._send_loop(a), name=f"writer.newrelic.{i}")
+            for i, a in enumerate(self.accounts)
+        ]
+        self.tasks.append(spawn(self._timer_loop(), name="writer.newrelic.timer"))
+
+    async def write_batch(self, batch: EncodedBatch, seq: int = -1) -> None:
+        events = batch.newrelic
+        if not events or not self.accounts:
+            self.on_ack([seq])
+            return
+        while any(a.pending >= self.max_pending for a in self.accounts):
+            self.room.clear()
+            await self.room.wait()
+        if seq >= 0:
+            self.awaiting[seq] = len(self.accounts)
+        for account in self.accounts:
+            account.add(events, batch.received_ns, seq)
+
+    def _chunk_done(self, chunk: Chunk) -> None:
+        """A batch is acknowledged once every account has delivered its last chunk."""
+        complete = []
+        for seq in chunk.seqs:
+            if seq not in self.awaiting:
+                continue  # not spooled (seq -1): nothing to acknowledge
+            self.awaiting[seq] -= 1
+            if not self.awaiting[seq]:
+                del self.awaiting[seq]
+                complete.append(seq)
+        if complete:
+            self.on_ack(complete)
+
+    async def flush(self) -> None:
+        for account in self.accounts:
+            account.cut()
+            while account.ready:
+                account.idle.clear()
+                await account.idle.wait()
+
+    async def close(self) -> None:
+        await self.flush()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+
+    # -- sending ----------------------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            for account in self.accounts:
+                account.cut()
+
+    async def _send_loop(self, account: Account) -> None:
+        while True:
+            if not account.ready:
+                account.idle.set()
+                account.wake.clear()
+                await account.wake.wait()
+                continue
+            account.idle.clear()
+            chunk = account.ready[0]
+            await self._deliver(account, chunk.events, chunk.received_ns)
+            account.ready.popleft()
+            account.pending -= chunk.count
+            self.room.set()
+            self._chunk_done(chunk)
+
+    async def _deliver(self, account: Account, events: list[bytes], received_ns: list[int]) -> None:
+        """Send until the API takes it; too large is split, rejected is counted as failed."""
+        body = await asyncio.get_running_loop().run_in_executor(None, gzip_array, events)
+        if len(body) > MAX_BODY_BYTES:
+            await self._split(account, events, received_ns, f"{len(body)} bytes gzipped")
+            return
+        while True:
+            answer = await self._post(account, body)
+            if 200 <= answer.status < 300:
+                account.backoff.reset()
+                self._written(account, received_ns)
+                return
+            if answer.status == 413:
+                await self._split(account, events, received_ns, f"HTTP 413 {answer.text[:200]}")
+                return
+            if answer.status and answer.status < 500 and answer.status not in RETRIED_STATUSES:
+                self._failed(account, events, f"HTTP {answer.status} {answer.text}")
+                return
+            await self._wait_to_retry(account, answer)
+
+    async def _post(self, account: Account, body: bytes) -> Answer:
+        assert self.session is not None
+        try:
+            async with self.session.post(
+                account.url, data=body, headers=account.headers
+            ) as response:
+                text = await response.text(errors="replace")
+                return Answer(
+                    response.status, text, retry_after_seconds(response.headers.get("Retry-After"))
+                )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return Answer(0, str(exc) or type(exc).__name__)
+
+    async def _wait_to_retry(self, account: Account, answer: Answer) -> None:
+        delay = account.backoff.next_delay() if answer.retry_after is None else answer.retry_after
+        self.counters.add("retries.newrelic")
+        reason = f"HTTP {answer.status}" if answer.status else "no answer"
+        self.retry_log.warning(
+            "New Relic account %r: %s (%s); retrying in %.2fs",
+            account.name,
+            reason,
+            self._safe(answer.text[:200]),
+            delay,
+        )
+        await self.sleep(delay)
+
+    async def _split(
+        self, account: Account, events: list[bytes], received_ns: list[int], why: str
+    ) -> None:
+        if len(events) == 1:
+            self._failed(account, events, f"a single event is too large ({why})")
+            return
+        self.counters.add("newrelic.splits")
+        middle = len(events) // 2
+        await self._deliver(account, events[:middle], received_ns[:middle])
+        await self._deliver(account, events[middle:], received_ns[middle:])
+
+    def _written(self, account: Account, received_ns: list[int]) -> None:
+        self.counters.add("written.newrelic", len(received_ns))
+        self.counters.add(f"newrelic.written.{account.name}", len(received_ns))
+        if self.on_delivered is not None and received_ns:
+            self.on_delivered(NAME, received_ns)
+
+    def _failed(self, account: Account, events: list[bytes], reason: str) -> None:
+        self.counters.add("failed.newrelic", len(events))
+        self.counters.add(f"newrelic.failed.{account.name}", len(events))
+        self.rejected_log.warning(
+            "New Relic account %r rejected %d event(s): %s; first event: %.300s",
+            account.name,
+            len(events),
+            self._safe(reason[:300]),
+            self._safe(events[0].decode("utf-8", "replace")),
+        )
+
+    def _safe(self, text: str) -> str:
+        return redact(text, self.config)
