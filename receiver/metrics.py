@@ -35,6 +35,7 @@ Metrics (counters are cumulative since start; `*_total` per Prometheus conventio
     senseflow_child_up{child}                          1 while the process runs
     senseflow_child_restarts_total{child}              restarts after a crash
     senseflow_healthy                                  1 when /healthz answers 200
+    senseflow_spool_bytes, senseflow_spool_capacity_bytes  the writer's spool on disk, its bound
 """
 
 from __future__ import annotations
@@ -205,6 +206,14 @@ def telemetry_metrics(supervisor: Observed, destinations: list[str]) -> Iterator
     yield GaugeMetricFamily(
         "senseflow_healthy", "1 when /healthz answers 200", value=1 if health.healthy else 0
     )
+    spool = telemetry.spool_sizes()
+    if spool is not None:
+        yield GaugeMetricFamily(
+            "senseflow_spool_bytes", "Bytes in the writer's spool on disk", value=spool["bytes"]
+        )
+        yield GaugeMetricFamily(
+            "senseflow_spool_capacity_bytes", "The spool's bound in bytes", value=spool["capacity"]
+        )
 
 
 def destination_gauges(

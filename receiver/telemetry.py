@@ -98,6 +98,7 @@ class Telemetry:
         self.interval_max_latency = 0.0
         self.event_counts: dict[tuple[str, str, str], int] = {}
         self.children: dict[str, ChildStatus] = {}
+        self.spool: dict[str, int] | None = None  # {"bytes", "capacity"} of the writer's spool
 
     # -- main thread ------------------------------------------------------------------------
 
@@ -110,9 +111,10 @@ class Telemetry:
                 for key, count in payload.items():
                     self.event_counts[key] = self.event_counts.get(key, 0) + count
 
-    def _record_delivery(self, payload: dict[str, dict[str, Any]]) -> None:
+    def _record_delivery(self, payload: dict[str, Any]) -> None:
         self.delivery_seen = self.clock()
-        for name, report in payload.items():
+        self.spool = payload["spool"]
+        for name, report in payload["destinations"].items():
             status = self.destinations.setdefault(name, DestinationStatus())
             status.pending = report["pending"]
             status.waiting = report["waiting"]
@@ -144,6 +146,10 @@ class Telemetry:
                 for name, s in self.destinations.items()
             }
         return children, destinations
+
+    def spool_sizes(self) -> dict[str, int] | None:
+        with self.lock:
+            return self.spool
 
     def take_event_counts(self) -> dict[tuple[str, str, str], int]:
         with self.lock:

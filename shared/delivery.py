@@ -84,15 +84,6 @@ def observe_value(hist: HistogramDelta, bounds: tuple[float, ...], value: float)
     hist.max = max(hist.max, value)
 
 
-def spool_waiting(spool: Any) -> Callable[[str], int]:
-    """Events a destination has not acknowledged, from workers.spool.Spool's index."""
-
-    def events_waiting(destination: str) -> int:
-        return sum(spool.events_in(seq) for seq in spool.pending(destination))
-
-    return events_waiting
-
-
 def make_tracker(
     config: Config, destinations: Iterable[str], counters: Counters
 ) -> DeliveryTracker:
@@ -107,9 +98,9 @@ class DeliveryTracker:
     An event is *waiting* for a destination from the moment the writer takes it until the
     destination counts it `written.<d>`, `failed.<d>` or `dropped.<reason>.<d>`
     (`copies[d]` times when it is delivered more than once, e.g. to several New Relic
-    accounts). With a spool, `use_pending(events_waiting)` replaces that estimate by the
-    spool's own count of unacknowledged events per destination, which also covers the
-    backlog a new writer replays from a previous run.
+    accounts). With a spool, `use_spool(spool)` replaces that estimate by the spool's own
+    count of unacknowledged events per destination, which also covers the backlog a new
+    writer replays from a previous run.
     """
 
     def __init__(
@@ -126,16 +117,17 @@ class DeliveryTracker:
         self.clock = clock
         self.wall_ns = wall_ns
         self.accepted = 0
-        self.pending_source: Callable[[str], int] | None = None
+        self.spool: Any = None
         self.latency = {d: HistogramDelta(len(LATENCY_BUCKETS)) for d in self.destinations}
         self.batches = {d: HistogramDelta(len(BATCH_BUCKETS)) for d in self.destinations}
         now = clock()
         self.done_seen = dict.fromkeys(self.destinations, 0)
         self.last_progress = dict.fromkeys(self.destinations, now)
 
-    def use_pending(self, events_waiting: Callable[[str], int]) -> None:
-        """Take the events waiting per destination from `events_waiting(destination)`."""
-        self.pending_source = events_waiting
+    def use_spool(self, spool: Any) -> None:
+        """Count the events waiting per destination in `spool` (a workers.spool.Spool:
+        its unacknowledged records), and report its size."""
+        self.spool = spool
 
     def accept(self, events: int) -> None:
         """The writer took `events` more events; every destination gets all of them."""
@@ -161,8 +153,9 @@ class DeliveryTracker:
         )
 
     def pending(self, destination: str, done: int) -> int:
-        if self.pending_source is not None:
-            return self.pending_source(destination)
+        if self.spool is not None:
+            spool = self.spool
+            return sum(spool.events_in(seq) for seq in spool.pending(destination))
         return max(0, self.accepted * self.copies.get(destination, 1) - done)
 
     def status(self, destination: str) -> tuple[int, float]:
@@ -175,12 +168,13 @@ class DeliveryTracker:
             self.last_progress[destination] = now
         return pending, (now - self.last_progress[destination]) if pending else 0.0
 
-    def take_report(self) -> dict[str, dict[str, Any]]:
-        """Histogram deltas since the last call, and the waiting status, per destination."""
-        report = {}
+    def take_report(self) -> dict[str, Any]:
+        """Histogram deltas since the last call and the waiting status, per destination;
+        the spool's size and bound (None without a spool)."""
+        destinations = {}
         for d in self.destinations:
             pending, waiting = self.status(d)
-            report[d] = {
+            destinations[d] = {
                 "latency": self.latency[d].as_dict(),
                 "batches": self.batches[d].as_dict(),
                 "pending": pending,
@@ -188,4 +182,8 @@ class DeliveryTracker:
             }
             self.latency[d] = HistogramDelta(len(LATENCY_BUCKETS))
             self.batches[d] = HistogramDelta(len(BATCH_BUCKETS))
-        return report
+        spool = self.spool
+        sizes = (
+            None if spool is None else {"bytes": spool.size_bytes(), "capacity": spool.max_bytes}
+        )
+        return {"destinations": destinations, "spool": sizes}

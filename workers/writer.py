@@ -21,7 +21,7 @@ import uvloop
 from shared import exitcodes
 from shared.config import Config
 from shared.counters import Counters
-from shared.delivery import make_tracker, spool_waiting
+from shared.delivery import make_tracker
 from shared.events import ENCODED_DECODER, EncodedBatch
 from shared.ipc import REPORT_INTERVAL, STOP, Channels, report, start_parent_watch
 from shared.logs import RateLimitedLog, setup_logging
@@ -127,7 +127,7 @@ class Writer:
         except OSError as exc:
             report(self.channels, NAME, "fatal", f"cannot use the spool {options.directory}: {exc}")
             return False
-        self.delivery.use_pending(spool_waiting(self.spool))  # /healthz: what the spool holds
+        self.delivery.use_spool(self.spool)  # /healthz and /metrics: what the spool holds
         return True
 
     def start_feeds(self) -> None:

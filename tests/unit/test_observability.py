@@ -103,9 +103,11 @@ def test_tracker_report_carries_deltas_once() -> None:
     tracker = DeliveryTracker(["mqtt"], Counters(), FakeClock(), lambda: NOW)
     tracker.delivered("mqtt", [NOW - 10**7] * 3)
     tracker.delivered("unknown", [NOW])  # ignored, never raises
-    first = tracker.take_report()["mqtt"]
-    assert first["latency"]["count"] == 3 and first["batches"]["count"] == 1
-    assert tracker.take_report()["mqtt"]["latency"]["count"] == 0
+    first = tracker.take_report()
+    assert first["spool"] is None
+    mqtt = first["destinations"]["mqtt"]
+    assert mqtt["latency"]["count"] == 3 and mqtt["batches"]["count"] == 1
+    assert tracker.take_report()["destinations"]["mqtt"]["latency"]["count"] == 0
 
 
 def test_health_rule() -> None:
@@ -121,14 +123,8 @@ def test_health_rule() -> None:
     def delivery(pending: int, waiting: float) -> dict[str, Any]:
         empty = {"buckets": [0] * (len(LATENCY_BUCKETS) + 1), "sum": 0.0, "count": 0, "max": 0.0}
         batches = {**empty, "buckets": [0] * (len(BATCH_BUCKETS) + 1)}
-        return {
-            "influxdb": {
-                "pending": pending,
-                "waiting": waiting,
-                "latency": empty,
-                "batches": batches,
-            }
-        }
+        report = {"pending": pending, "waiting": waiting, "latency": empty, "batches": batches}
+        return {"destinations": {"influxdb": report}, "spool": {"bytes": 10, "capacity": 100}}
 
     telemetry.record("delivery", delivery(50, 9.0))
     assert telemetry.health(False).healthy
