@@ -59,15 +59,29 @@ def add_run_command(commands: Any) -> None:
     parser.add_argument("--readers", type=positive_int, help="receiver processes sharing the port")
     parser.add_argument("--workers", type=positive_int, help="parse/enrich/encode processes")
     parser.add_argument("--batch-size", type=positive_int, help="InfluxDB lines per write")
-    parser.add_argument("--flush-interval", type=positive_int, metavar="MS",
-                        help="longest wait before a partial InfluxDB batch is written")
-    parser.add_argument("--queue-size", type=positive_int, help="batches each inter-process channel holds")
-    parser.add_argument("--summary-interval", type=int, metavar="S",
-                        help="log a counters line every S seconds (0: only at exit)")
+    parser.add_argument(
+        "--flush-interval",
+        type=positive_int,
+        metavar="MS",
+        help="longest wait before a partial InfluxDB batch is written",
+    )
+    parser.add_argument(
+        "--queue-size", type=positive_int, help="batches each inter-process channel holds"
+    )
+    parser.add_argument(
+        "--summary-interval",
+        type=int,
+        metavar="S",
+        help="log a counters line every S seconds (0: only at exit)",
+    )
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--log-format", choices=("text", "json"))
-    parser.add_argument("--metrics-port", type=int, metavar="PORT",
-                        help="serve Prometheus /metrics and /healthz on PORT (0: off)")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus /metrics and /healthz on PORT (0: off)",
+    )
     parser.set_defaults(command=run_service)
 
 
@@ -91,7 +105,9 @@ def apply_run_flags(config: Config, args: argparse.Namespace) -> Config:
     udp = msgspec.structs.replace(
         udp,
         server_host=args.host if args.host is not None else udp.server_host,
-        port_user_activity_events=args.port if args.port is not None else udp.port_user_activity_events,
+        port_user_activity_events=args.port
+        if args.port is not None
+        else udp.port_user_activity_events,
     )
     user_events = msgspec.structs.replace(config.butler.user_events, udp_server_config=udp)
     butler = msgspec.structs.replace(config.butler, user_events=user_events)
@@ -127,7 +143,10 @@ def add_send_command(commands: Any) -> None:
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", "-c", metavar="FILE", help="Butler SOS YAML config file (default: built-in defaults)"
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="Butler SOS YAML config file (default: built-in defaults)",
     )
 
 
@@ -135,7 +154,8 @@ def add_parse_command(commands: Any) -> None:
     parser = commands.add_parser(
         "parse",
         help="dry-run: parse raw datagrams (one per line) and print what would be written",
-        description="Read raw datagrams, one per line, from FILE or stdin; print one line per input.",
+        description="Read raw datagrams, one per line, from FILE or stdin; "
+        "print one line per input.",
     )
     add_config_argument(parser)
     parser.add_argument("--format", choices=("json", "line-protocol"), default="json")

@@ -54,7 +54,10 @@ def default_config() -> dict[str, object]:
                 "sendToInfluxdb": {"enable": True},
             },
             "influxdbConfig": {
-                "enable": True, "host": "127.0.0.1", "port": INFLUX_PORT, "version": 1,
+                "enable": True,
+                "host": "127.0.0.1",
+                "port": INFLUX_PORT,
+                "version": 1,
                 "v1Config": {"dbName": "senseops", "retentionPolicy": {"name": "autogen"}},
             },
             "mqttConfig": {"enable": True, "brokerHost": "127.0.0.1", "brokerPort": MQTT_PORT},
@@ -71,7 +74,10 @@ def start_local_servers() -> list[InfluxServer | MosquittoServer]:
         influx = InfluxServer(RUN_DIR / "influxdb", port=INFLUX_PORT)
         influx.start()
         started.append(influx)
-        print(f"make run: started InfluxDB on 127.0.0.1:{INFLUX_PORT} (pid {influx.pid}), data in .run/influxdb")
+        print(
+            f"make run: started InfluxDB on 127.0.0.1:{INFLUX_PORT} (pid {influx.pid}), "
+            "data in .run/influxdb"
+        )
     if port_open(MQTT_PORT):
         print(f"make run: using the MQTT broker already on 127.0.0.1:{MQTT_PORT}")
     else:
@@ -94,7 +100,9 @@ def main() -> int:
         config = str(config_path)
         started = start_local_servers()
     print(f"make run: senseflow run --config {config}   (Ctrl-C to stop)")
-    service = subprocess.Popen([sys.executable, "-m", "receiver.cli", "run", "--config", config], cwd=REPO)
+    service = subprocess.Popen(
+        [sys.executable, "-m", "receiver.cli", "run", "--config", config], cwd=REPO
+    )
     signal.signal(signal.SIGINT, lambda *_: service.send_signal(signal.SIGINT))
     signal.signal(signal.SIGTERM, lambda *_: service.send_signal(signal.SIGTERM))
     try:

@@ -6,7 +6,9 @@ import random
 
 
 class Backoff:
-    def __init__(self, base: float = 0.1, cap: float = 10.0, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, base: float = 0.1, cap: float = 10.0, rng: random.Random | None = None
+    ) -> None:
         self.base = base
         self.cap = cap
         self.attempt = 0

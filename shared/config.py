@@ -363,11 +363,22 @@ def check_semantics(config: Config) -> list[str]:
     """Rules that types alone cannot express."""
     problems = []
     pipe = config.pipeline
-    for name in ("readers", "workers", "batch_size", "flush_interval", "queue_size",
-                 "reader_batch_size", "reader_flush_ms", "ua_cache_size", "pending_events"):
+    for name in (
+        "readers",
+        "workers",
+        "batch_size",
+        "flush_interval",
+        "queue_size",
+        "reader_batch_size",
+        "reader_flush_ms",
+        "ua_cache_size",
+        "pending_events",
+    ):
         value = getattr(pipe, name)
         if value < 1:
-            problems.append(f"{OWN_SECTION}.{_camel(name)}: expected an integer >= 1, found {value}")
+            problems.append(
+                f"{OWN_SECTION}.{_camel(name)}: expected an integer >= 1, found {value}"
+            )
     port = config.butler.user_events.udp_server_config.port_user_activity_events
     if not 0 <= port <= 65535:
         problems.append(
@@ -383,11 +394,14 @@ def check_semantics(config: Config) -> list[str]:
 def _check_metrics(pipe: Pipeline) -> list[str]:
     problems = []
     if not 0 <= pipe.metrics_port <= 65535:
-        problems.append(f"{OWN_SECTION}.metricsPort: expected a port 0-65535 (0: off), "
-                        f"found {pipe.metrics_port}")
+        problems.append(
+            f"{OWN_SECTION}.metricsPort: expected a port 0-65535 (0: off), "
+            f"found {pipe.metrics_port}"
+        )
     if pipe.health_deadline <= 0:
-        problems.append(f"{OWN_SECTION}.healthDeadline: expected seconds > 0, "
-                        f"found {pipe.health_deadline}")
+        problems.append(
+            f"{OWN_SECTION}.healthDeadline: expected seconds > 0, found {pipe.health_deadline}"
+        )
     return problems
 
 
@@ -460,7 +474,11 @@ def _problems(value: Any, info: msgspec.inspect.Type, path: str) -> list[str]:
                 problems.append(f"{sub_path}: expected a value, found nothing")
         return problems
     if isinstance(info, msgspec.inspect.ListType) and isinstance(value, list):
-        return [p for i, item in enumerate(value) for p in _problems(item, info.item_type, f"{path}[{i}]")]
+        return [
+            p
+            for i, item in enumerate(value)
+            for p in _problems(item, info.item_type, f"{path}[{i}]")
+        ]
     if isinstance(info, msgspec.inspect.UnionType) and value is not None:
         members = [t for t in info.types if not isinstance(t, msgspec.inspect.NoneType)]
         if len(members) == 1:
@@ -469,8 +487,7 @@ def _problems(value: Any, info: msgspec.inspect.Type, path: str) -> list[str]:
         msgspec.convert(value, _python_type(info), strict=False)
     except msgspec.ValidationError as exc:
         shown = "" if path.rpartition(".")[2] in SECRET_KEYS else _short(value)
-        return [f"{path}: expected {_describe(info)}, found {_kind(value)}{shown}"
-                f"{_detail(exc)}"]
+        return [f"{path}: expected {_describe(info)}, found {_kind(value)}{shown}{_detail(exc)}"]
     return []
 
 

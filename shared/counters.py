@@ -68,5 +68,7 @@ def summary_line(values: Mapping[str, int], destinations: Iterable[str]) -> str:
     for destination in destinations:
         parts.append(f"written.{destination}={values.get('written.' + destination, 0)}")
         parts.append(f"failed.{destination}={values.get('failed.' + destination, 0)}")
-    details = [f"{k}={v}" for k, v in sorted(values.items()) if k.startswith(("invalid.", "dropped."))]
+    details = [
+        f"{k}={v}" for k, v in sorted(values.items()) if k.startswith(("invalid.", "dropped."))
+    ]
     return " ".join(parts + details)

@@ -56,7 +56,9 @@ class MessageChannel:
 
     def send_nowait(self, message: bytes) -> bool:
         if len(message) > self.max_message:
-            raise ValueError(f"message of {len(message)} bytes exceeds the channel's {self.max_message}")
+            raise ValueError(
+                f"message of {len(message)} bytes exceeds the channel's {self.max_message}"
+            )
         try:
             self._send.send(message, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -126,7 +128,9 @@ def drain_reports(reports: multiprocessing.queues.Queue[Any], timeout: float) ->
     return items
 
 
-def start_parent_watch(parent_pid: int, on_orphan: Callable[[], None], interval: float = 1.0) -> None:
+def start_parent_watch(
+    parent_pid: int, on_orphan: Callable[[], None], interval: float = 1.0
+) -> None:
     """Call `on_orphan()` once the supervisor is gone, so that no child outlives it."""
 
     def watch() -> None:

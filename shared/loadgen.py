@@ -56,19 +56,29 @@ def add_send_command(commands: Any) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9997)
-    parser.add_argument("--rate", type=float, default=1000.0,
-                        help="datagrams per second (0: as fast as possible)")
+    parser.add_argument(
+        "--rate", type=float, default=1000.0, help="datagrams per second (0: as fast as possible)"
+    )
     amount = parser.add_mutually_exclusive_group()
     amount.add_argument("--count", type=int, help="send exactly N datagrams")
     amount.add_argument("--duration", type=float, help="send for S seconds (default 10)")
     parser.add_argument("--sources", type=int, default=4, help="sending sockets (Sense proxies)")
-    parser.add_argument("--invalid-share", type=float, default=0.0,
-                        help="share of invalid datagrams, 0..1")
-    parser.add_argument("--formats", choices=("both", "a", "b"), default="both",
-                        help="wire formats: Butler SOS (a), short (b) or both")
+    parser.add_argument(
+        "--invalid-share", type=float, default=0.0, help="share of invalid datagrams, 0..1"
+    )
+    parser.add_argument(
+        "--formats",
+        choices=("both", "a", "b"),
+        default="both",
+        help="wire formats: Butler SOS (a), short (b) or both",
+    )
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="live progress bar (default: when stderr is a terminal)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="live progress bar (default: when stderr is a terminal)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.set_defaults(command=run_send)
 
@@ -80,8 +90,13 @@ def run_send(args: argparse.Namespace) -> int:
     pool = make_corpus(min(max(total, 1), POOL_LIMIT), args.seed, args.invalid_share, args.formats)
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     report = send(
-        (args.host, args.port), pool, args.rate, count=args.count, duration=args.duration,
-        sources=args.sources, on_progress=ProgressBar(sys.stderr) if progress else None,
+        (args.host, args.port),
+        pool,
+        args.rate,
+        count=args.count,
+        duration=args.duration,
+        sources=args.sources,
+        on_progress=ProgressBar(sys.stderr) if progress else None,
     )
     if progress:
         sys.stderr.write("\n")

@@ -338,8 +338,11 @@ class MosquittoServer(_ServerProcess):
             f"listener {self.port} {self.host}",
             # With persistence, sessions and queued QoS 1 messages of persistent subscribers
             # survive a broker restart (saved on SIGTERM to the work directory).
-            *(["persistence true", f"persistence_location {self.workdir}/"]
-              if self.persistence else ["persistence false"]),
+            *(
+                ["persistence true", f"persistence_location {self.workdir}/"]
+                if self.persistence
+                else ["persistence false"]
+            ),
             "log_dest stderr",
             "log_type error",
             "log_type warning",

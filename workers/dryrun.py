@@ -41,8 +41,10 @@ def dry_run(
                 sink.write(pipeline.encoder.line(result).encode())
             continue
         if isinstance(result, str):
-            outcome = Outcome("excluded", None, None) if result == "excluded" else Outcome(
-                "invalid", result, None
+            outcome = (
+                Outcome("excluded", None, None)
+                if result == "excluded"
+                else Outcome("invalid", result, None)
             )
         else:
             outcome = Outcome("event", None, msgspec.Raw(pipeline.encoder.mqtt(result)))

@@ -73,9 +73,7 @@ def _parse_butler(text: str, source: str, received_ns: int) -> UserEvent | str:
     command = command[:CAP_NAME]
     if command not in BUTLER_COMMANDS:
         return "unknown_action" if command.strip() else "missing_action"
-    return _build(
-        source, host, command, directory, user_id, origin, context, message, received_ns
-    )
+    return _build(source, host, command, directory, user_id, origin, context, message, received_ns)
 
 
 def _parse_short(text: str, source: str, received_ns: int) -> UserEvent | str:

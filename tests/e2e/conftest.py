@@ -20,14 +20,21 @@ def start_service(
     started: list[Service] = []
 
     def start(
-        *flags: str, influx: bool = True, mqtt: bool = True,
-        butler_overrides: dict[str, Any] | None = None, **pipeline: Any,
+        *flags: str,
+        influx: bool = True,
+        mqtt: bool = True,
+        butler_overrides: dict[str, Any] | None = None,
+        **pipeline: Any,
     ) -> Service:
         port = udp_port()
         config = write_config(
-            tmp_path / f"config-{len(started)}.yaml", port,
-            influx_server if influx else None, influx_db, mosquitto_server if mqtt else None,
-            butler_overrides=butler_overrides, **pipeline,
+            tmp_path / f"config-{len(started)}.yaml",
+            port,
+            influx_server if influx else None,
+            influx_db,
+            mosquitto_server if mqtt else None,
+            butler_overrides=butler_overrides,
+            **pipeline,
         )
         service = Service(config, tmp_path / f"senseflow-{len(started)}.log", *flags)
         service.udp_port = port  # type: ignore[attr-defined]

@@ -11,8 +11,8 @@ from collections import Counter
 import orjson
 import pytest
 
-from shared.corpus import make_corpus
 from shared.config import Config
+from shared.corpus import make_corpus
 from shared.localservers import InfluxServer
 from tests.e2e.conftest import StartService
 from tests.e2e.harness import Subscriber, influx_count, send_paced
@@ -41,8 +41,11 @@ def expected_actions(datagrams: list[bytes]) -> Counter[str]:
 
 @pytest.mark.parametrize("workers", [1, 2, 4])
 def test_100k_datagrams_all_arrive(
-    workers: int, start_service: StartService, subscriber: Subscriber,
-    influx_server: InfluxServer, influx_db: str,
+    workers: int,
+    start_service: StartService,
+    subscriber: Subscriber,
+    influx_server: InfluxServer,
+    influx_db: str,
 ) -> None:
     datagrams = make_corpus(100_000, seed=workers)
     actions = expected_actions(datagrams)
@@ -97,7 +100,8 @@ def test_tricky_values_arrive_exactly(
 
     rows = influx_server.query(
         'SELECT "userId", "userId_field", "userFull_field", "userDirectory", "host", "appId" '
-        "FROM user_events", db=influx_db,
+        "FROM user_events",
+        db=influx_db,
     )["results"][0]["series"][0]
     records = [dict(zip(rows["columns"], values, strict=True)) for values in rows["values"]]
     assert sorted(r["userId_field"] for r in records) == sorted(TRICKY_USERS)
@@ -124,7 +128,8 @@ def test_sigterm_mid_load_writes_everything_received(
     service = start_service(mqtt=False)
     datagrams = make_corpus(60_000, seed=7)
     sender = threading.Thread(
-        target=send_paced, args=(service.udp_port, datagrams, 20_000)  # type: ignore[attr-defined]
+        target=send_paced,
+        args=(service.udp_port, datagrams, 20_000),  # type: ignore[attr-defined]
     )
     sender.start()
     time.sleep(1.5)

@@ -280,7 +280,9 @@ def test_control_characters_stripped_from_every_field(make) -> None:
     for name, value in msgspec.structs.asdict(event).items():
         allowed = "\n\r" if name == "message" else ""
         if isinstance(value, str):
-            assert not any((ord(ch) < 0x20 or ord(ch) == 0x7F) and ch not in allowed for ch in value)
+            assert not any(
+                (ord(ch) < 0x20 or ord(ch) == 0x7F) and ch not in allowed for ch in value
+            )
 
 
 def test_c1_and_other_unicode_kept() -> None:

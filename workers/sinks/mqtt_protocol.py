@@ -71,7 +71,9 @@ def connect_packet(
         if password:
             flags |= 0x40
             payload += utf8_field(password)
-    variable = utf8_field("MQTT") + bytes((PROTOCOL_LEVEL_311, flags)) + struct.pack("!H", keepalive)
+    variable = (
+        utf8_field("MQTT") + bytes((PROTOCOL_LEVEL_311, flags)) + struct.pack("!H", keepalive)
+    )
     body = variable + payload
     return bytes((CONNECT,)) + remaining_length(len(body)) + body
 
@@ -99,8 +101,13 @@ class TopicHeader:
         length = self.overhead + len(payload)
         if self.qos:
             return b"".join(
-                (bytes((first,)), remaining_length(length), self.encoded_topic,
-                 packet_id.to_bytes(2, "big"), payload)
+                (
+                    bytes((first,)),
+                    remaining_length(length),
+                    self.encoded_topic,
+                    packet_id.to_bytes(2, "big"),
+                    payload,
+                )
             )
         return b"".join((bytes((first,)), remaining_length(length), self.encoded_topic, payload))
 
