@@ -379,6 +379,7 @@ def check_semantics(config: Config) -> list[str]:
             problems.append(
                 f"{OWN_SECTION}.{_camel(name)}: expected an integer >= 1, found {value}"
             )
+    problems.extend(_check_user_event_tags(config.butler.user_events.tags or []))
     port = config.butler.user_events.udp_server_config.port_user_activity_events
     if not 0 <= port <= 65535:
         problems.append(
@@ -402,6 +403,48 @@ def _check_metrics(pipe: Pipeline) -> list[str]:
         problems.append(
             f"{OWN_SECTION}.healthDeadline: expected seconds > 0, found {pipe.health_deadline}"
         )
+    return problems
+
+
+# Names the user_events point already uses (SPEC 3): a configured tag with one of them, or
+# twice the same name, would make InfluxDB reject every point.
+RESERVED_TAG_NAMES = frozenset(
+    {
+        "host",
+        "event_action",
+        "userFull",
+        "userDirectory",
+        "userId",
+        "origin",
+        "appId",
+        "appName",
+        "qs_uaBrowserName",
+        "qs_uaBrowserMajorVersion",
+        "qs_uaOsName",
+        "qs_uaOsVersion",
+        "userFull_field",
+        "userId_field",
+        "appId_field",
+        "appName_field",
+        "time",
+    }
+)
+
+
+def _check_user_event_tags(tags: list[NameValue]) -> list[str]:
+    problems = []
+    seen: set[str] = set()
+    for index, tag in enumerate(tags):
+        path = f"{BUTLER_SECTION}.userEvents.tags[{index}].name"
+        if tag.name in RESERVED_TAG_NAMES:
+            problems.append(
+                f"{path}: expected a name the user_events point does not use, found {tag.name!r}"
+            )
+        elif tag.name in seen:
+            problems.append(f"{path}: expected a name not given before, found {tag.name!r} again")
+        elif not tag.name.strip():
+            problems.append(f"{path}: expected a non-empty name, found {tag.name!r}")
+        seen.add(tag.name)
     return problems
 
 

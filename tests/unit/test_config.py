@@ -633,3 +633,18 @@ def test_cli_missing_env_var(tmp_path: Path, capsys, monkeypatch) -> None:
         "variable SF_MISSING_TOKEN to be set (or a default, as ${SF_MISSING_TOKEN:-value}), "
         "found it unset"
     ]
+
+
+@pytest.mark.parametrize(
+    ("tags", "problem"),
+    [
+        ([{"name": "host", "value": "x"}], "found 'host'"),
+        ([{"name": "time", "value": "x"}], "found 'time'"),
+        ([{"name": "env", "value": "a"}, {"name": "env", "value": "b"}], "found 'env' again"),
+        ([{"name": " ", "value": "a"}], "expected a non-empty name"),
+    ],
+)
+def test_configured_tags_cannot_break_the_point(tags: list[dict[str, str]], problem: str) -> None:
+    (found,) = problems_of(butler(userEvents={"tags": tags}))
+    assert found.startswith("Butler-SOS.userEvents.tags[")
+    assert problem in found
