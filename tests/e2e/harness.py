@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Iterable
@@ -21,6 +23,16 @@ from shared.localservers import InfluxServer, MosquittoServer, free_ports
 
 SENSEFLOW = [sys.executable, "-m", "receiver.cli"]
 REPO = Path(__file__).resolve().parents[2]
+
+
+EVERYTHING_TOPIC_ONLY: dict[str, Any] = {
+    "userEvents": {"sendToMQTT": {"postTo": {
+        key: {"enable": False}
+        for key in ("sessionStartTopic", "sessionStopTopic", "connectionOpenTopic",
+                    "connectionCloseTopic")
+    }}}
+}
+"""`butler_overrides` publishing each event once, on the everything topic."""
 
 
 def write_config(
@@ -51,7 +63,8 @@ def write_config(
     if broker is not None:
         butler["mqttConfig"] = {"enable": True, "brokerHost": broker.host, "brokerPort": broker.port}
     merge(butler, butler_overrides or {})
-    own: dict[str, Any] = {"summaryInterval": 1, "spool": {"directory": str(spool_directory(path))}}
+    spool = {"directory": str(spool_directory(path))}
+    own: dict[str, Any] = {"summaryInterval": 1, "spool": spool}
     merge(own, pipeline)  # `spool={...}` keeps the directory unless it names one
     document = {"Butler-SOS": butler, "senseflow": own}
     path.write_text(yaml.safe_dump(document), encoding="utf-8")
@@ -175,7 +188,11 @@ class Subscriber:
              "-v", *session],
             stdout=self._out, stderr=subprocess.DEVNULL,
         )
-        self._wait_subscribed(broker)
+        try:
+            self._wait_subscribed(broker)
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_subscribed(self, broker: MosquittoServer) -> None:
         probe_topic = "qliksense/userevent/__probe__"
@@ -228,6 +245,46 @@ def send_paced(port: int, datagrams: Iterable[bytes], rate: float, sources: int 
             sock.close()
 
 
+class PacedSender(threading.Thread):
+    """`send_paced` in a thread that tells how far it got, from `source` (a loopback IP)."""
+
+    def __init__(
+        self,
+        port: int,
+        datagrams: list[bytes],
+        rate: float,
+        sources: int = 4,
+        source: str = "127.0.0.1",
+    ) -> None:
+        super().__init__(name="paced-sender", daemon=True)
+        self.port, self.datagrams, self.rate = port, datagrams, rate
+        self.sources, self.source = sources, source
+        self.sent = 0
+
+    def run(self) -> None:
+        sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(self.sources)]
+        try:
+            for sock in sockets:
+                sock.bind((self.source, 0))
+            start = time.monotonic()
+            for datagram in self.datagrams:
+                sockets[self.sent % self.sources].sendto(datagram, ("127.0.0.1", self.port))
+                self.sent += 1
+                if self.sent % 100 == 0:
+                    ahead = self.sent / self.rate - (time.monotonic() - start)
+                    if ahead > 0:
+                        time.sleep(ahead)
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    def wait_sent(self, count: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.sent < count and self.is_alive():
+            assert time.monotonic() < deadline, f"sent {self.sent} of {count} in {timeout}s"
+            time.sleep(0.01)
+
+
 def influx_count(influx: InfluxServer, database: str, where: str = "") -> int:
     result = influx.query(f"SELECT count(userId_field) FROM user_events {where}", db=database)
     series = result["results"][0].get("series")
@@ -250,10 +307,8 @@ def spool_usage(directory: Path) -> tuple[int, int]:
     """Segment files and their bytes in a spool directory (read only; safe while it runs)."""
     sizes = []
     for segment in directory.glob("segment-*.log"):
-        try:
+        with contextlib.suppress(FileNotFoundError):  # collected meanwhile
             sizes.append(segment.stat().st_size)
-        except FileNotFoundError:
-            pass  # collected meanwhile
     return len(sizes), sum(sizes)
 
 

@@ -232,7 +232,7 @@ def test_arbitrary_bytes(datagram: bytes) -> None:
 @example(b"/qseow-proxy-session/;h;Start session;LAB;u\\;o;c;m").via("user ending in a backslash")
 @example(b"/proxy-user-event/;h;s;c;Start session for user 'LAB\\ '").via("blank user id")
 @given(near_valid)
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_near_valid_datagrams(datagram: bytes) -> None:
     check_one(datagram)
 
@@ -245,7 +245,7 @@ def test_huge_fields(datagram: bytes) -> None:
 
 
 @given(st.lists(st.one_of(st.binary(max_size=300), near_valid), min_size=1, max_size=40))
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_mixed_batches_count_every_datagram_once(datagrams: list[bytes]) -> None:
     check_batch(datagrams)
 
