@@ -73,7 +73,9 @@ def set_receive_buffer(sock: socket.socket, wanted: int) -> int:
         log.warning(
             "UDP receive buffer is %d bytes, not the %d asked for; raise the cap with "
             "`sysctl -w net.core.rmem_max=%d` (or run with CAP_NET_ADMIN)",
-            granted, wanted, wanted,
+            granted,
+            wanted,
+            wanted,
         )
     else:
         log.info("UDP receive buffer: %d bytes", granted)
@@ -103,8 +105,14 @@ class Reader:
         if udp.rate_limit.enable:
             limiter = RateLimiter(udp.rate_limit.max_messages_per_minute)
         return BatchingEndpoint(
-            self.channels.raw, self.counters, self.clock, pipe.reader_batch_size,
-            pipe.reader_flush_ms, udp.max_message_size, allowed, limiter,
+            self.channels.raw,
+            self.counters,
+            self.clock,
+            pipe.reader_batch_size,
+            pipe.reader_flush_ms,
+            udp.max_message_size,
+            allowed,
+            limiter,
         )
 
     async def serve(self) -> int:

@@ -99,10 +99,16 @@ class Supervisor:
         pipe = config.pipeline
         self.channels = Channels(
             raw=MessageChannel(
-                max(MIN_CHANNEL_BYTES, pipe.queue_size * pipe.reader_batch_size * RAW_BYTES_PER_DATAGRAM)
+                max(
+                    MIN_CHANNEL_BYTES,
+                    pipe.queue_size * pipe.reader_batch_size * RAW_BYTES_PER_DATAGRAM,
+                )
             ),
             encoded=MessageChannel(
-                max(MIN_CHANNEL_BYTES, pipe.queue_size * pipe.reader_batch_size * ENCODED_BYTES_PER_EVENT)
+                max(
+                    MIN_CHANNEL_BYTES,
+                    pipe.queue_size * pipe.reader_batch_size * ENCODED_BYTES_PER_EVENT,
+                )
             ),
             reports=self.context.Queue(),
             stop=self.context.Event(),
@@ -123,12 +129,16 @@ class Supervisor:
     def _reader_slot(self, index: int) -> Child:
         from receiver import process
 
-        return Child(f"reader-{index}", process.run, (self.config, self.channels, index, os.getpid()))
+        return Child(
+            f"reader-{index}", process.run, (self.config, self.channels, index, os.getpid())
+        )
 
     def _worker_slot(self, index: int) -> Child:
         from workers import process
 
-        return Child(f"worker-{index}", process.run, (self.config, self.channels, index, os.getpid()))
+        return Child(
+            f"worker-{index}", process.run, (self.config, self.channels, index, os.getpid())
+        )
 
     def _writer_slot(self) -> Child:
         from workers import writer
@@ -161,7 +171,9 @@ class Supervisor:
                 return code
         log.info(
             "senseflow running: %d reader(s), %d worker(s), destinations: %s",
-            len(self.readers), len(self.workers), ", ".join(self.destinations()) or "none",
+            len(self.readers),
+            len(self.workers),
+            ", ".join(self.destinations()) or "none",
         )
         code = self.main_loop()
         self.log_summary()
@@ -181,8 +193,11 @@ class Supervisor:
                 if not child.ready and not child.alive:
                     return self.boot_failure(child)
             if time.monotonic() > deadline and not waiting_for_destinations:
-                log.error("children not ready after %.0fs: %s", BOOT_TIMEOUT,
-                          ", ".join(c.name for c in group if not c.ready))
+                log.error(
+                    "children not ready after %.0fs: %s",
+                    BOOT_TIMEOUT,
+                    ", ".join(c.name for c in group if not c.ready),
+                )
                 return exitcodes.BOOT_FAILURE
         return exitcodes.OK
 
@@ -192,7 +207,11 @@ class Supervisor:
         code = child.process.exitcode
         reason = self.fatal.get(child.name, describe_exit(code))
         log.error("%s failed to start: %s", child.name, reason)
-        if code in (exitcodes.BIND_ERROR, exitcodes.DESTINATION_UNREACHABLE, exitcodes.CONFIG_ERROR):
+        if code in (
+            exitcodes.BIND_ERROR,
+            exitcodes.DESTINATION_UNREACHABLE,
+            exitcodes.CONFIG_ERROR,
+        ):
             return code
         return exitcodes.BOOT_FAILURE
 
@@ -217,11 +236,20 @@ class Supervisor:
                 assert child.process is not None
                 child.process.join(0.1)
                 delay = child.next_restart_delay(now)
-                log.error("%s (pid %s) died: %s; restarting in %.1fs", child.name, child.pid,
-                          describe_exit(child.process.exitcode), delay)
+                log.error(
+                    "%s (pid %s) died: %s; restarting in %.1fs",
+                    child.name,
+                    child.pid,
+                    describe_exit(child.process.exitcode),
+                    delay,
+                )
                 if child.storming():
-                    log.error("%s keeps dying (%d restarts in %.0fs); stopping", child.name,
-                              len(child.restarts), STORM_WINDOW)
+                    log.error(
+                        "%s keeps dying (%d restarts in %.0fs); stopping",
+                        child.name,
+                        len(child.restarts),
+                        STORM_WINDOW,
+                    )
                     return exitcodes.FAILURE
                 child.restart_at = now + delay
             elif now >= child.restart_at:
@@ -254,7 +282,10 @@ class Supervisor:
                 log.warning("second signal: stopping now")
                 return False
             if time.monotonic() > deadline:
-                log.error("graceful timeout: %s still running", ", ".join(c.name for c in group if c.alive))
+                log.error(
+                    "graceful timeout: %s still running",
+                    ", ".join(c.name for c in group if c.alive),
+                )
                 return False
         for child in group:
             if child.process is not None:

@@ -15,6 +15,7 @@ are dropped and counted per destination, so memory and disk both stay bounded.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -65,7 +66,9 @@ class Spool:
         self._recover()
         saved = self._read_cursors()
         # A destination new to this spool starts at its end: no backlog from before it existed.
-        self.cursors = {d: max(saved.get(d, self.next_seq), self._first_seq()) for d in destinations}
+        self.cursors = {
+            d: max(saved.get(d, self.next_seq), self._first_seq()) for d in destinations
+        }
         self._write_cursors()
         self._collect()
 
@@ -173,7 +176,7 @@ class Spool:
         """Delete segments every destination has acknowledged completely."""
         low = min(self.cursors.values(), default=self.next_seq)
         firsts = sorted(self.segments)
-        for first, following in zip(firsts, firsts[1:], strict=False):
+        for first, following in itertools.pairwise(firsts):
             if following > low:
                 break
             self._delete_segment(first, following)
@@ -211,7 +214,9 @@ class Spool:
             size = self._index_segment(path, first)
             self.segments[first] = size
         if self.segments:
-            log.info("spool: %d record(s) on disk in %d segment(s)", len(self.index), len(self.segments))
+            log.info(
+                "spool: %d record(s) on disk in %d segment(s)", len(self.index), len(self.segments)
+            )
 
     def _index_segment(self, path: Path, first: int) -> int:
         with open(path, "r+b") as segment:

@@ -10,11 +10,12 @@ any moment is replayed from the spool by its successor (SPEC 4, issue 5).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import uvloop
 
@@ -63,7 +64,9 @@ def make_sinks(
     from workers.sinks.newrelic import NewRelicSink
 
     factories: dict[str, type[InfluxSink] | type[MqttSink] | type[NewRelicSink]] = {
-        "influxdb": InfluxSink, "mqtt": MqttSink, "newrelic": NewRelicSink,
+        "influxdb": InfluxSink,
+        "mqtt": MqttSink,
+        "newrelic": NewRelicSink,
     }
     return [factories[name](config, counters, on_delivered) for name in destination_names(config)]
 
@@ -121,8 +124,11 @@ class Writer:
         options = self.config.pipeline.spool
         try:
             self.spool = Spool(
-                options.directory, [sink.name for sink in self.sinks], options.max_bytes,
-                options.segment_bytes, options.fsync,
+                options.directory,
+                [sink.name for sink in self.sinks],
+                options.max_bytes,
+                options.segment_bytes,
+                options.fsync,
             )
         except OSError as exc:
             report(self.channels, NAME, "fatal", f"cannot use the spool {options.directory}: {exc}")
@@ -191,7 +197,9 @@ class Writer:
                 if dropped:
                     self.drop_log.warning(
                         "%s: spool full (%d bytes): dropped the oldest %d event(s)",
-                        feed.name, self.spool.max_bytes, dropped,
+                        feed.name,
+                        self.spool.max_bytes,
+                        dropped,
                     )
         if self.feeds:
             self.cache.forget_before(min(feed.next for feed in self.feeds))
@@ -206,16 +214,16 @@ class Writer:
             except TimeoutError:
                 log.error(
                     "%s: %d batch(es) not delivered at exit; they stay in the spool and are "
-                    "delivered after the next start", feed.name, feed.pending_batches,
+                    "delivered after the next start",
+                    feed.name,
+                    feed.pending_batches,
                 )
         for task in self.feed_tasks:
             task.cancel()
         await asyncio.gather(*self.feed_tasks, return_exceptions=True)
         for sink in self.sinks:
-            try:
+            with contextlib.suppress(TimeoutError):  # undelivered: kept in the spool
                 await asyncio.wait_for(sink.close(), 1.0)
-            except TimeoutError:
-                pass  # undelivered: kept in the spool
         if self.spool is not None:
             self.spool.close()
         log.info("writer drained in %.2fs", time.monotonic() - started)

@@ -26,11 +26,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 EVERYTHING_TOPIC_ONLY: dict[str, Any] = {
-    "userEvents": {"sendToMQTT": {"postTo": {
-        key: {"enable": False}
-        for key in ("sessionStartTopic", "sessionStopTopic", "connectionOpenTopic",
-                    "connectionCloseTopic")
-    }}}
+    "userEvents": {
+        "sendToMQTT": {
+            "postTo": {
+                key: {"enable": False}
+                for key in (
+                    "sessionStartTopic",
+                    "sessionStopTopic",
+                    "connectionOpenTopic",
+                    "connectionCloseTopic",
+                )
+            }
+        }
+    }
 }
 """`butler_overrides` publishing each event once, on the everything topic."""
 
@@ -57,11 +65,18 @@ def write_config(
     }
     if influx is not None:
         butler["influxdbConfig"] = {
-            "enable": True, "host": "127.0.0.1", "port": influx.port, "version": 1,
+            "enable": True,
+            "host": "127.0.0.1",
+            "port": influx.port,
+            "version": 1,
             "v1Config": {"dbName": database, "retentionPolicy": {"name": "autogen"}},
         }
     if broker is not None:
-        butler["mqttConfig"] = {"enable": True, "brokerHost": broker.host, "brokerPort": broker.port}
+        butler["mqttConfig"] = {
+            "enable": True,
+            "brokerHost": broker.host,
+            "brokerPort": broker.port,
+        }
     merge(butler, butler_overrides or {})
     spool = {"directory": str(spool_directory(path))}
     own: dict[str, Any] = {"summaryInterval": 1, "spool": spool}
@@ -93,7 +108,10 @@ class Service:
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [*SENSEFLOW, "run", "--config", str(config), *flags],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
         )
 
     @property
@@ -113,7 +131,9 @@ class Service:
             time.sleep(0.05)
 
     def child_pids(self, name: str) -> list[int]:
-        return [int(pid) for pid in re.findall(rf"started {re.escape(name)} \(pid (\d+)\)", self.log)]
+        return [
+            int(pid) for pid in re.findall(rf"started {re.escape(name)} \(pid (\d+)\)", self.log)
+        ]
 
     def group_pids(self) -> list[int]:
         """Every live process in the service's process group."""
@@ -158,7 +178,9 @@ class Service:
         """The last counters line the supervisor logged."""
         lines = [line for line in self.log.splitlines() if "counters: " in line]
         assert lines, self.log
-        return {k: int(v) for k, v in re.findall(r"([\w.]+)=(\d+)", lines[-1].split("counters: ", 1)[1])}
+        return {
+            k: int(v) for k, v in re.findall(r"([\w.]+)=(\d+)", lines[-1].split("counters: ", 1)[1])
+        }
 
     def wait_counter(self, name: str, value: int, timeout: float = 60.0) -> dict[str, int]:
         deadline = time.monotonic() + timeout
@@ -167,7 +189,9 @@ class Service:
             if counters.get(name, 0) >= value:
                 return counters
             if time.monotonic() > deadline:
-                raise AssertionError(f"{name} reached {counters.get(name)} not {value}:\n{self.log[-3000:]}")
+                raise AssertionError(
+                    f"{name} reached {counters.get(name)} not {value}:\n{self.log[-3000:]}"
+                )
             time.sleep(0.2)
 
 
@@ -181,12 +205,27 @@ class Subscriber:
         queued for it across a reconnect, and, with persistence, across its own restart."""
         self.path = path
         self._out = open(path, "wb")  # noqa: SIM115 - closed in stop()
-        session = ["-c", "-i", client_id] if client_id else [
-            "-i", f"test-sub-{os.getpid()}-{time.monotonic_ns()}"]
+        session = (
+            ["-c", "-i", client_id]
+            if client_id
+            else ["-i", f"test-sub-{os.getpid()}-{time.monotonic_ns()}"]
+        )
         self.process = subprocess.Popen(
-            ["mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-t", topic, "-q", "1",
-             "-v", *session],
-            stdout=self._out, stderr=subprocess.DEVNULL,
+            [
+                "mosquitto_sub",
+                "-h",
+                broker.host,
+                "-p",
+                str(broker.port),
+                "-t",
+                topic,
+                "-q",
+                "1",
+                "-v",
+                *session,
+            ],
+            stdout=self._out,
+            stderr=subprocess.DEVNULL,
         )
         try:
             self._wait_subscribed(broker)
@@ -199,8 +238,19 @@ class Subscriber:
         deadline = time.monotonic() + 10
         while b"__probe__" not in self.path.read_bytes():
             subprocess.run(
-                ["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-t", probe_topic, "-m", "x"],
-                check=True, timeout=10,
+                [
+                    "mosquitto_pub",
+                    "-h",
+                    broker.host,
+                    "-p",
+                    str(broker.port),
+                    "-t",
+                    probe_topic,
+                    "-m",
+                    "x",
+                ],
+                check=True,
+                timeout=10,
             )
             time.sleep(0.1)
             assert time.monotonic() < deadline, "subscriber never received the probe"
@@ -215,7 +265,7 @@ class Subscriber:
 
     def wait_count(self, count: int, timeout: float = 60.0) -> list[tuple[str, str]]:
         deadline = time.monotonic() + timeout
-        while len(messages := self.messages()) < count and time.monotonic() < deadline:
+        while len(self.messages()) < count and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(0.5)  # anything beyond `count` would be a duplicate; let it show up
         return self.messages()

@@ -134,7 +134,9 @@ class V1Transport:
     async def send(self, body: bytes) -> None:
         assert self.session is not None
         try:
-            async with self.session.post(f"{self.base}/write", params=self.params, data=body) as response:
+            async with self.session.post(
+                f"{self.base}/write", params=self.params, data=body
+            ) as response:
                 if response.status < 300:
                     return
                 text = await response.text()
@@ -157,7 +159,9 @@ class ClientTransport:
         self.url = f"http://{cfg.host}:{cfg.port}"
         if cfg.version == 2:
             self.token, self.org, self.bucket = (
-                cfg.v2_config.token, cfg.v2_config.org, cfg.v2_config.bucket
+                cfg.v2_config.token,
+                cfg.v2_config.org,
+                cfg.v2_config.bucket,
             )
         else:
             self.token, self.org, self.bucket = cfg.v3_config.token, "", cfg.v3_config.database

@@ -15,6 +15,7 @@ reads (see mqtt_protocol for why this does not go through paho).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import ssl
@@ -60,7 +61,9 @@ class BatchState:
     seq: int = -1
 
 
-def topic_headers(config: Config) -> tuple[proto.TopicHeader | None, list[proto.TopicHeader | None]]:
+def topic_headers(
+    config: Config,
+) -> tuple[proto.TopicHeader | None, list[proto.TopicHeader | None]]:
     """The everything topic and the topic per action index (None where disabled)."""
     post_to = config.butler.user_events.send_to_mqtt.post_to
     qos = config.pipeline.mqtt.qos
@@ -151,7 +154,10 @@ class MqttSink:
         )
         self.writer.write(
             proto.connect_packet(
-                self.client_id, KEEPALIVE, self.options.username or None, self.options.password or None
+                self.client_id,
+                KEEPALIVE,
+                self.options.username or None,
+                self.options.password or None,
             )
         )
         proto.check_connack(await self.reader.readexactly(4))
@@ -162,10 +168,8 @@ class MqttSink:
         if writer is None:
             return
         writer.close()
-        try:
+        with contextlib.suppress(OSError, TimeoutError):
             await asyncio.wait_for(writer.wait_closed(), 2.0)
-        except (OSError, TimeoutError):
-            pass
 
     async def start(self) -> None:
         await self.connect()
@@ -180,7 +184,9 @@ class MqttSink:
             try:
                 await self._read_loop()
             except (OSError, asyncio.IncompleteReadError, proto.ProtocolError) as exc:
-                log.warning("MQTT connection to %s lost: %s", self.address, exc or type(exc).__name__)
+                log.warning(
+                    "MQTT connection to %s lost: %s", self.address, exc or type(exc).__name__
+                )
             await self._close_stream()
             await self._reconnect()
 
@@ -234,8 +240,11 @@ class MqttSink:
             self.inflight.clear()
             self.backlog.extendleft(reversed(resend))
             self.counters.add("mqtt.republished", len(resend))
-            log.info("MQTT reconnected to %s; resending %d unacknowledged message(s)",
-                     self.address, len(resend))
+            log.info(
+                "MQTT reconnected to %s; resending %d unacknowledged message(s)",
+                self.address,
+                len(resend),
+            )
             self._refill(dup=len(resend))
             return
 
@@ -265,10 +274,8 @@ class MqttSink:
         self._refill()
         writer = self.writer
         if writer is not None and writer.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
-            try:
+            with contextlib.suppress(OSError):  # the connection loop notices and reconnects
                 await writer.drain()
-            except OSError:
-                pass  # the connection loop notices and reconnects
 
     def _messages(self, batch: EncodedBatch) -> list[Message]:
         seq = self.next_batch
