@@ -30,3 +30,10 @@ def _report_failure(task: asyncio.Task[Any]) -> None:
         task.get_loop().call_exception_handler(
             {"message": f"task {task.get_name()} failed", "exception": error, "task": task}
         )
+
+
+async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel background tasks and wait until they have all ended."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -26,7 +26,7 @@ from shared.delivery import make_tracker
 from shared.events import ENCODED_DECODER, EncodedBatch
 from shared.ipc import REPORT_INTERVAL, STOP, Channels, report, start_parent_watch
 from shared.logs import RateLimitedLog, setup_logging
-from shared.tasks import spawn
+from shared.tasks import cancel_all, spawn
 from workers.feeds import BatchCache, Feed
 from workers.sinks.base import DestinationUnreachable, Sink
 from workers.spool import Spool
@@ -218,9 +218,7 @@ class Writer:
                     feed.name,
                     feed.pending_batches,
                 )
-        for task in self.feed_tasks:
-            task.cancel()
-        await asyncio.gather(*self.feed_tasks, return_exceptions=True)
+        await cancel_all(self.feed_tasks)
         for sink in self.sinks:
             with contextlib.suppress(TimeoutError):  # undelivered: kept in the spool
                 await asyncio.wait_for(sink.close(), 1.0)

@@ -24,7 +24,7 @@ from shared.backoff import Backoff
 from shared.config import Config, InfluxdbConfig
 from shared.counters import Counters
 from shared.events import EncodedBatch
-from shared.tasks import spawn
+from shared.tasks import cancel_all, spawn
 from workers.sinks.base import Acknowledge, DestinationUnreachable, ignore_acks
 
 log = logging.getLogger("senseflow.influxdb")
@@ -328,7 +328,5 @@ class InfluxSink:
 
     async def close(self) -> None:
         await self.flush()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_all(self.tasks)
         await self.transport.close()

@@ -28,7 +28,7 @@ from shared.backoff import Backoff
 from shared.config import Config
 from shared.counters import Counters
 from shared.events import ACTIONS, EncodedBatch
-from shared.tasks import spawn
+from shared.tasks import cancel_all, spawn
 from workers.sinks import mqtt_protocol as proto
 from workers.sinks.base import Acknowledge, DestinationUnreachable, ignore_acks
 
@@ -339,9 +339,7 @@ class MqttSink:
 
     async def close(self) -> None:
         await self.flush()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_all(self.tasks)
         if self.writer is not None and self.connected:
             self.writer.write(proto.DISCONNECT_PACKET)
         await self._close_stream()

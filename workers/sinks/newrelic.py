@@ -39,7 +39,7 @@ from shared.config import Config, redact
 from shared.counters import Counters
 from shared.events import EncodedBatch
 from shared.logs import RateLimitedLog
-from shared.tasks import spawn
+from shared.tasks import cancel_all, spawn
 from workers.sinks.base import Acknowledge, DestinationUnreachable, ignore_acks
 
 log = logging.getLogger("senseflow.newrelic")
@@ -262,9 +262,7 @@ class NewRelicSink:
 
     async def close(self) -> None:
         await self.flush()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_all(self.tasks)
         if self.session is not None:
             await self.session.close()
 
