@@ -15,6 +15,7 @@ are dropped and counted per destination, so memory and disk both stay bounded.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import logging
@@ -52,6 +53,7 @@ class Spool:
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = self._lock_directory()
         self.destinations = destinations
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
@@ -189,6 +191,17 @@ class Spool:
 
     # -- persistence ------------------------------------------------------------------------
 
+    def _lock_directory(self) -> BinaryIO:
+        """One writer per spool: a second service on the same directory would replay and
+        acknowledge the first one's records. The kernel releases the lock when we die."""
+        lock = open(self.directory / "lock", "ab")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise OSError(f"{self.directory} is in use by another senseflow writer") from None
+        return lock
+
     def _segment_path(self, first: int) -> Path:
         return self.directory / f"{SEGMENT_PREFIX}{first:020d}.log"
 
@@ -243,3 +256,4 @@ class Spool:
             self._out.close()
             self._out = None
         self._write_cursors()
+        self._lock.close()

@@ -61,6 +61,7 @@ def test_restart_replays_what_was_not_acknowledged(tmp_path: Path) -> None:
         spool.ack("influxdb", seq)
     assert spool._out is not None
     spool._out.close()  # no close(): as after SIGKILL, only what already reached the kernel
+    spool._lock.close()  # the kernel releases the lock of a killed process
 
     again = Spool(tmp_path, [*DESTINATIONS, "newrelic"], segment_bytes=700)
     assert list(again.pending("influxdb")) == list(range(5, 12))
@@ -134,3 +135,11 @@ def test_corrupt_record_is_an_error_not_wrong_data(tmp_path: Path) -> None:
     with pytest.raises(KeyError):
         again.read(1)
     again.close()
+
+
+def test_a_second_writer_cannot_share_the_spool(tmp_path: Path) -> None:
+    first = Spool(tmp_path, DESTINATIONS)
+    with pytest.raises(OSError, match="in use by another senseflow writer"):
+        Spool(tmp_path, DESTINATIONS)
+    first.close()
+    Spool(tmp_path, DESTINATIONS).close()  # free again once the first is gone
