@@ -30,7 +30,6 @@ import yaml
 from benchmarks.e2e import TopicCounter
 from benchmarks.procs import MachineLoad, RssSampler, ServiceProcesses, cpu_delta, rss_mb
 from shared.config import Pipeline
-from shared.counters import total
 from shared.ipc import REPORT_INTERVAL
 from shared.loadgen import send
 from shared.localservers import InfluxServer, MosquittoServer
@@ -260,6 +259,9 @@ class Trial:
     written: dict[str, int] = field(default_factory=dict)
     """What the service counted as acknowledged, per destination (marker included)."""
     drain_seconds: float | None = None
+    drain_limit: float = 0.0
+    arrived_at_limit: dict[str, Any] = field(default_factory=dict)
+    """What InfluxDB / the subscriber held when the drain limit passed (if it did)."""
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     machine: dict[str, float] = field(default_factory=dict)
@@ -282,7 +284,11 @@ class Trial:
 
     @property
     def steady(self) -> bool:
-        return self.drain_seconds is not None and self.achieved_rate >= self.rate * 0.97
+        return (
+            self.drain_seconds is not None
+            and self.drain_seconds <= self.drain_limit
+            and self.achieved_rate >= self.rate * 0.97
+        )
 
     @property
     def cpu_us_per_event(self) -> float:
@@ -300,7 +306,11 @@ class Trial:
 
     def describe(self) -> str:
         mqtt = f" mqtt {self.mqtt:,}" if self.mqtt is not None else ""
-        drain = f"{self.drain_seconds:.2f}s" if self.drain_seconds is not None else "timeout"
+        drain = f"{self.drain_seconds:.2f}s" if self.drain_seconds is not None else "> 30 s"
+        if self.arrived_at_limit:
+            drain += f" (at {self.drain_limit:g} s: {self.arrived_at_limit})"
+        if self.mqtt_duplicates:
+            mqtt += f" ({self.mqtt_duplicates:,} duplicates)"
         verdict = (
             "OK" if self.zero_loss and self.steady else "LOSS" if not self.zero_loss else "BEHIND"
         )
@@ -325,9 +335,10 @@ def run_trial(service: RunningService, rate: float, duration: float) -> Trial:
     marker = send_marker(service.port)
     sent_at = time.monotonic()
     trial.sent, trial.achieved_rate = report.sent, round(report.rate, 1)
-    trial.drain_seconds = wait_delivered(
+    trial.drain_seconds, trial.arrived_at_limit = wait_delivered(
         service, trial.sent + 1, since, marker, mqtt_before, sent_at
     )
+    trial.drain_limit = bench.drain_limit
     trial.cpu_seconds = cpu_delta(cpu_before, service.processes.cpu())
     trial.machine = busy.take()
     trial.peak_rss_mb = {k: round(v, 1) for k, v in service.processes.peak_rss().items()}
@@ -370,26 +381,32 @@ def wait_delivered(
     marker: str,
     mqtt_before: int,
     sent_at: float,
-) -> float | None:
-    """Seconds from the last datagram sent until the marker is in InfluxDB (and MQTT has
-    `expected` messages); None if not within the drain limit (the service fell behind).
-    The full count, which takes InfluxDB a while on a large trial, is checked afterwards
-    and does not count as drain time."""
+) -> tuple[float | None, dict[str, Any]]:
+    """Seconds from the last datagram sent until the marker is in InfluxDB, InfluxDB holds
+    all `expected` events and MQTT delivered them (None: not within a long deadline); and,
+    if that took longer than the drain limit, what had arrived when the limit passed.
+    The marker is a cheap query; the full count, slow on a large trial, runs only once it
+    is in."""
     limit = service.bench.drain_limit
+    deadline = sent_at + max(30.0, limit * 10)
     where = f"AND userId = '{marker}'"
+    at_limit: dict[str, Any] = {}
     while True:
         waited = time.monotonic() - sent_at
-        mqtt_done = service.counter is None or service.mqtt_count() - mqtt_before >= expected
-        if mqtt_done and service.influx_count(since, where):
-            break
-        if waited > limit:
-            return None
+        mqtt = service.mqtt_count() - mqtt_before if service.counter is not None else None
+        stored = bool(service.influx_count(since, where))
+        if stored and (mqtt is None or mqtt >= expected):
+            if service.influx_count(since) >= expected:  # workers may finish out of order
+                return round(waited, 3), at_limit
+        elif waited > limit and not at_limit:
+            at_limit = {
+                "influxdb": service.influx_count(since),
+                "mqtt": mqtt,
+                "marker_stored": stored,
+            }
+        if time.monotonic() > deadline:
+            return None, at_limit
         time.sleep(0.05)
-    while service.influx_count(since) < expected:  # workers may finish batches out of order
-        if time.monotonic() - sent_at > limit:
-            return None
-        time.sleep(0.05)
-    return round(waited, 3)
 
 
 def search(
@@ -406,10 +423,15 @@ def search(
     trials: list[Trial] = []
     good, bad = 0.0, 0.0
     rate = round_rate(min(start, cap))
+    retried = False
     for _ in range(max_trials):
         trial = run(rate)
         trials.append(trial)
         log(trial.describe())
+        if trial.zero_loss and not trial.steady and not retried:
+            retried = True  # slow to drain once may be the machine: confirm it, once
+            continue
+        retried = False
         if trial.zero_loss and trial.steady:
             good = max(good, rate)
         else:
@@ -561,12 +583,6 @@ def overload_summary(
     peaks: dict[str, float],
     stored: dict[str, int],
 ) -> dict[str, Any]:
-    kernel = delta.get("dropped.kernel", 0)
-    dropped = total(delta, "dropped")
-    received = delta.get("received", 0)
-    events = delta.get("events", 0)
-    accounted = events + total(delta, "invalid") + delta.get("excluded", 0) + dropped
-    written = {d: delta.get(f"written.{d}", 0) for d in stored}
     return {
         "rate": rate,
         "sent": report.sent,
@@ -575,16 +591,37 @@ def overload_summary(
         "caught_up_before_stop": caught_up,
         "counters": delta,
         "stored": stored,
-        "checks": {
-            "sent == received + dropped.kernel": report.sent == received + kernel,
-            "received == events + invalid + excluded + dropped (without kernel)": received
-            == accounted - kernel,
-            "written == events, per destination": all(w == events for w in written.values()),
-            "stored == written, per destination": all(stored[d] == written[d] for d in stored),
-        },
+        "checks": overload_checks(report.sent, delta, stored),
         "rss_total_mb": samples,
         "peak_rss_mb": peaks,
         **rss_flatness(samples),
+    }
+
+
+def overload_checks(sent: int, delta: dict[str, int], stored: dict[str, int]) -> dict[str, bool]:
+    """Do the counters add up? `delta` holds the fields of the supervisor's counters line:
+    `invalid` and `dropped` there are the sums that balance `received` (the kernel's drops
+    and a destination giving up are not in that `dropped`), then the details by reason."""
+    events = delta.get("events", 0)
+
+    def settled(d: str) -> int:
+        return (
+            delta.get(f"written.{d}", 0)
+            + delta.get(f"failed.{d}", 0)
+            + delta.get(f"dropped.destination_full.{d}", 0)
+        )
+
+    return {
+        "sent == received + dropped.kernel": sent
+        == delta.get("received", 0) + delta.get("dropped.kernel", 0),
+        "received == events + invalid + excluded + dropped": delta.get("received", 0)
+        == events + delta.get("invalid", 0) + delta.get("excluded", 0) + delta.get("dropped", 0),
+        "events == written + failed + given up, per destination": all(
+            settled(d) == events for d in stored
+        ),
+        "stored == written, per destination": all(
+            stored[d] == delta.get(f"written.{d}", 0) for d in stored
+        ),
     }
 
 

@@ -41,8 +41,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.corpus import USER_AGENTS, app_names, make_corpus
 from shared.config import Config, config_from_document
+from shared.corpus import USER_AGENTS, app_names, make_corpus
 from shared.events import RawBatch, UserEvent
 from workers.parse import parse_datagram
 from workers.pipeline import EventPipeline

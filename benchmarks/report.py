@@ -21,20 +21,27 @@ def _best(e2e: dict[str, Any], mode: str) -> dict[str, float]:
     return {w: r["max_zero_loss_rate"] for w, r in e2e.get(mode, {}).items()}
 
 
+def _over(e2e: dict[str, Any], mode: str, which: str, fallback: float) -> dict[str, float]:
+    """Highest zero-loss rate per workers count / the `which` ceiling measured next to that
+    search (the mean of just before and just after it), else the one at the start."""
+    out = {}
+    for w, result in e2e.get(mode, {}).items():
+        ceiling = result.get("adjacent_ceilings", {}).get(which) or fallback
+        out[w] = round(result["max_zero_loss_rate"] / ceiling, 3)
+    return out
+
+
 def ratios(results: dict[str, Any]) -> dict[str, Any]:
     """Every machine-dependent figure as a ratio to a ceiling of the same run."""
     ceilings = results["ceilings"]
     sink, broker = ceilings["sink"]["rate"], ceilings["broker"]["rate"]
     e2e = results.get("end_to_end", {})
-    out: dict[str, Any] = {
+    return {
         "receiver_over_socket": results["receiver_alone"]["ratio_to_socket"],
-        "e2e_influx_over_sink": {w: round(r / sink, 3) for w, r in _best(e2e, "influx").items()},
-        "e2e_influx_mqtt_over_sink": {
-            w: round(r / sink, 3) for w, r in _best(e2e, "influx+mqtt").items()
-        },
-        "e2e_influx_mqtt_over_broker": {
-            w: round(r / broker, 3) for w, r in _best(e2e, "influx+mqtt").items()
-        },
+        "receiver_over_socket_flood": results["receiver_alone"].get("flood_ratio_to_socket"),
+        "e2e_influx_over_sink": _over(e2e, "influx", "sink", sink),
+        "e2e_influx_mqtt_over_sink": _over(e2e, "influx+mqtt", "sink", sink),
+        "e2e_influx_mqtt_over_broker": _over(e2e, "influx+mqtt", "broker", broker),
         "sink_serial_over_concurrent": round(
             ceilings["sink"]["rates"]["serial"] / ceilings["sink"]["rates"]["concurrent_2"], 3
         ),
@@ -42,7 +49,6 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
             name: round(rate / broker, 3) for name, rate in ceilings["broker"]["rates"].items()
         },
     }
-    return out
 
 
 def _step(results: dict[str, Any], workers: str, rate: float) -> dict[str, Any] | None:
@@ -50,6 +56,26 @@ def _step(results: dict[str, Any], workers: str, rate: float) -> dict[str, Any] 
         if step["rate"] == rate and "error" not in step:
             return dict(step)
     return None
+
+
+def overload_checks(overload: dict[str, Any]) -> dict[str, bool]:
+    """Recomputed from the raw counters, so that a report of an older JSON uses the checks
+    as they are defined now."""
+    from benchmarks.endtoend import overload_checks as checks
+
+    return checks(overload["sent"], overload["counters"], overload["stored"])
+
+
+def _cpu_at_max(e2e: dict[str, Any], mode: str) -> dict[str, float]:
+    """CPU per event of the passing trial at the highest zero-loss rate, per workers count."""
+    out = {}
+    for w, result in e2e.get(mode, {}).items():
+        best = [
+            t for t in result["trials"] if t["passed"] and t["rate"] == result["max_zero_loss_rate"]
+        ]
+        if best:
+            out[w] = best[-1]["cpu_us_per_event"]
+    return out
 
 
 def _verdict(name: str, goal: str, met: bool | None, measured: str) -> dict[str, Any]:
@@ -86,7 +112,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 f"senseflow CPU per event at 10,000/s, {mode}",
                 f"<= {limit:g} µs (all processes)",
                 min(cpu.values(), default=1e9) <= limit if cpu else None,
-                ", ".join(f"w{w}: {v:.1f} µs" for w, v in cpu.items()),
+                ", ".join(f"w{w}: {v:.1f} µs" for w, v in cpu.items())
+                + "; at the highest zero-loss rate: "
+                + ", ".join(f"w{w}: {v:.1f} µs" for w, v in _cpu_at_max(e2e, mode).items()),
             )
         )
     found.append(
@@ -107,7 +135,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             _verdict(
                 f"p99 {name} at 10,000/s",
                 f"<= {limit:g} ms",
-                all(v is not None and v <= limit for v in p99.values()) if p99 else None,
+                any(v is not None and v <= limit for v in p99.values()) if p99 else None,
                 ", ".join(f"w{w}: {v} ms" for w, v in p99.items()),
             )
         )
@@ -116,7 +144,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         _verdict(
             "total RSS at 10,000/s",
             "<= 200 MB",
-            all(v <= 200 for v in rss.values()) if rss else None,
+            any(v <= 200 for v in rss.values()) if rss else None,
             ", ".join(
                 f"w{w}: {v:.0f} MB (PSS {s['pss_mb_total']:.0f})"
                 for (w, v), s in zip(rss.items(), steps.values(), strict=True)
@@ -139,8 +167,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             _verdict(
                 "counters add up under overload",
                 "all checks",
-                all(overload["checks"].values()),
-                "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in overload["checks"].items()),
+                all(overload_checks(overload).values()),
+                "; ".join(
+                    f"{k}: {'yes' if v else 'NO'}" for k, v in overload_checks(overload).items()
+                ),
             )
         )
     return found
@@ -175,6 +205,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Servers: {meta['servers']['influxd']}; {meta['servers']['mosquitto']}",
         "- Packages: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items()),
         "",
+        *(
+            ["*A quick run: it checks that the harness works; its figures mean nothing.*", ""]
+            if meta["mode"] == "quick"
+            else []
+        ),
         "**Ceilings** (median of repeats)",
         "",
         _table(
@@ -238,7 +273,7 @@ def markdown(results: dict[str, Any]) -> str:
         parts += ["", _overload_text(results["overload"])]
     parts += [
         "",
-        "**Targets**",
+        "**Targets** (met: with at least one of the workers counts; each is listed)",
         "",
         _table(
             ["target", "goal", "measured", "met"],
@@ -304,8 +339,12 @@ def _e2e_table(results: dict[str, Any], r: dict[str, Any]) -> str:
             [
                 w,
                 f"{_n(influx['max_zero_loss_rate'])}/s",
+                _n(influx.get("adjacent_ceilings", {}).get("sink")),
                 f"{r['e2e_influx_over_sink'].get(w, 0):.2f}",
                 f"{_n(both.get('max_zero_loss_rate'))}/s",
+                " / ".join(
+                    _n(both.get("adjacent_ceilings", {}).get(k)) for k in ("sink", "broker")
+                ),
                 f"{r['e2e_influx_mqtt_over_sink'].get(w, 0):.2f}",
                 f"{r['e2e_influx_mqtt_over_broker'].get(w, 0):.2f}",
                 influx["at_10k"]["cpu_us_per_event"],
@@ -317,8 +356,10 @@ def _e2e_table(results: dict[str, Any], r: dict[str, Any]) -> str:
         [
             "workers",
             "InfluxDB only",
+            "sink ceiling then",
             "/ sink",
             "InfluxDB + MQTT",
+            "sink / broker ceilings then",
             "/ sink",
             "/ broker",
             "CPU µs/event, InfluxDB only",
@@ -389,7 +430,9 @@ def _overload_text(o: dict[str, Any]) -> str:
         + f"; stored: {o['stored']}. "
         f"Total RSS peak {o['rss_first_half_peak_mb']:.0f} MB in the first half, "
         f"{o['rss_second_half_peak_mb']:.0f} MB in the second ({o['rss_growth_pct']:+.0f} %); "
-        "checks: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in o["checks"].items()) + "."
+        "checks: "
+        + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in overload_checks(o).items())
+        + "."
     )
 
 
@@ -405,7 +448,7 @@ def plot(results: dict[str, Any], directory: Path, prefix: str = "") -> list[str
 
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, axes = plt.subplots(figsize=(10, 4.5))
     _plot_throughput(axes, results)
     written.append(_save(figure, directory / f"{prefix}throughput-vs-workers.png", plt))
     figure, axes_pair = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
@@ -427,29 +470,48 @@ def _save(figure: Any, path: Path, plt: Any) -> Path:
 
 def _plot_throughput(axes: Any, results: dict[str, Any]) -> None:
     e2e = results.get("end_to_end", {})
-    for mode, label in (
-        ("influx", "end to end, InfluxDB only"),
-        ("influx+mqtt", "end to end, InfluxDB + MQTT QoS 1"),
+    c = results["ceilings"]
+    for mode, label, color in (
+        ("influx", "end to end, InfluxDB only", "tab:blue"),
+        ("influx+mqtt", "end to end, InfluxDB + MQTT QoS 1", "tab:orange"),
     ):
         best = _best(e2e, mode)
-        axes.plot([int(w) for w in best], list(best.values()), marker="o", label=label)
-    c = results["ceilings"]
+        axes.plot([int(w) for w in best], list(best.values()), marker="o", color=color, label=label)
+    adjacent = {
+        int(w): r["adjacent_ceilings"]["sink"]
+        for w, r in e2e.get("influx", {}).items()
+        if r.get("adjacent_ceilings")
+    }
+    if adjacent:
+        axes.plot(
+            list(adjacent),
+            list(adjacent.values()),
+            marker="x",
+            linestyle="--",
+            color="tab:green",
+            label="sink ceiling next to each InfluxDB-only search",
+        )
+        axes.plot(
+            list(adjacent),
+            [0.7 * v for v in adjacent.values()],
+            linestyle=":",
+            color="tab:green",
+            label="target: 70 % of it",
+        )
     axes.axhline(
-        c["sink"]["rate"], linestyle="--", color="tab:green", label="sink ceiling (InfluxDB)"
+        c["sink"]["rate"],
+        linestyle="--",
+        color="tab:green",
+        linewidth=0.7,
+        alpha=0.5,
+        label="sink ceiling at the start of the run",
     )
     axes.axhline(
         c["broker"]["rate"],
         linestyle=":",
         color="tab:purple",
-        label="broker ceiling (Mosquitto QoS 1)",
-    )
-    axes.axhline(
-        0.7 * c["sink"]["rate"],
-        linestyle="--",
-        color="tab:green",
         linewidth=0.8,
-        alpha=0.6,
-        label="target InfluxDB only: 70 % of the sink ceiling",
+        label="broker ceiling at the start of the run",
     )
     axes.axhline(
         20_000, linestyle="-.", color="grey", linewidth=0.8, label="target with MQTT: 20,000/s"
@@ -461,7 +523,7 @@ def _plot_throughput(axes: Any, results: dict[str, Any]) -> None:
     axes.set_title(
         f"Throughput vs workers ({results['meta']['date'][:10]}, {results['meta']['mode']} run)"
     )
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes.grid(alpha=0.3)
 
 

@@ -24,6 +24,7 @@ same run. Results: a JSON of raw figures, a Markdown table, PNG plots.
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import subprocess
 import sys
@@ -94,7 +95,7 @@ FULL = Scale(
     duration=15.0,
     drain_limit=2.0,
     flood=1_500_000,
-    prefill=200_000,
+    prefill=300_000,
     sink_points=300_000,
     broker_messages=200_000,
     aiomqtt_awaited=5_000,
@@ -121,13 +122,27 @@ def median(values: list[float]) -> float:
 # -- phases -----------------------------------------------------------------------------------
 
 
-def measure_ceilings(bench: Bench, scale: Scale) -> dict[str, Any]:
-    config_path = bench.workdir / "ceiling.yaml"
-    document = endtoend.config_document("influx+mqtt", 9, bench, "unused")
-    config_path.write_text(orjson.dumps(document).decode())
-    config = load_config(config_path)
-    batches = ceilings.encode_events(config, bench.pool, scale.sink_points)
-    bodies = ceilings.influx_bodies(batches)
+@dataclass
+class Material:
+    """The same events, pre-encoded once by the workers' pipeline, for every ceiling."""
+
+    config: Any
+    batches: list[Any]
+    bodies: list[bytes]
+
+    @classmethod
+    def build(cls, bench: Bench, events: int) -> Material:
+        path = bench.workdir / "ceiling.yaml"
+        path.write_text(
+            orjson.dumps(endtoend.config_document("influx+mqtt", 9, bench, "x")).decode()
+        )
+        config = load_config(path)
+        batches = ceilings.encode_events(config, bench.pool, events)
+        return cls(config, batches, ceilings.influx_bodies(batches))
+
+
+def measure_ceilings(bench: Bench, scale: Scale, material: Material) -> dict[str, Any]:
+    bodies = material.bodies
     sink: dict[str, list[dict[str, Any]]] = {"serial": [], "concurrent_2": []}
     ceilings.sink_ceiling(bench.influx, bodies[:4], 2)  # warm-up: influxd's first writes are slower
     for _ in range(scale.repeats):
@@ -135,7 +150,7 @@ def measure_ceilings(bench: Bench, scale: Scale) -> dict[str, Any]:
         sink["concurrent_2"].append(ceilings.sink_ceiling(bench.influx, bodies, 2))
     sink_rates = {name: median([r["rate"] for r in runs]) for name, runs in sink.items()}
     log(f"sink ceiling (points/s, median): {sink_rates}")
-    broker = measure_broker(bench, scale, config)
+    broker = measure_broker(bench, scale, material.config)
     return {
         "sink": {
             "runs": sink,
@@ -145,6 +160,20 @@ def measure_ceilings(bench: Bench, scale: Scale) -> dict[str, Any]:
         },
         "broker": broker,
     }
+
+
+def adjacent_ceilings(bench: Bench, mode: str, material: Material) -> dict[str, float]:
+    """Short sink (and broker) ceilings taken right next to a search: the machine is shared
+    and its load drifts, so each search is compared with the ceilings of its own minutes."""
+    half = material.bodies[: max(1, len(material.bodies) // 2)]
+    measured = {"sink": ceilings.sink_ceiling(bench.influx, half, 2)["rate"]}
+    if mode == "influx+mqtt":
+        batches = material.batches[: max(1, len(material.batches) // 2)]
+        run = ceilings.with_subscriber(
+            bench.broker, bench.workdir, lambda: ceilings.publish_ours(material.config, batches)
+        )
+        measured["broker"] = run["rate"]
+    return measured
 
 
 def measure_broker(bench: Bench, scale: Scale, config: Any) -> dict[str, Any]:
@@ -299,10 +328,13 @@ def measure_mode(
     scale: Scale,
     mode: str,
     workers: int,
-    ceiling: float,
+    material: Material,
     quick: bool,
     overload: bool,
 ) -> dict[str, Any]:
+    before = adjacent_ceilings(bench, mode, material)
+    ceiling = min(before.values())
+    log(f"{mode}, workers={workers}: ceilings just before the search {before}")
     runner = TrialRunner(bench, mode, workers)
     try:
         start = 5_000.0 if quick else ceiling * 0.5
@@ -310,12 +342,19 @@ def measure_mode(
             runner.trial, start, ceiling * 1.2, scale.precision, scale.max_trials, log
         )
         log(f"== {mode}, workers={workers}: highest steady zero-loss rate {best:,.0f}/s")
+        after = adjacent_ceilings(bench, mode, material)
+        log(f"{mode}, workers={workers}: ceilings just after the search {after}")
         at_10k = runner.trial(CPU_RATE)
         log(f"   at {CPU_RATE:,.0f}/s: {at_10k.describe()}")
         result: dict[str, Any] = {
             "max_zero_loss_rate": best,
             "trials": [t.as_dict() for t in trials],
             "at_10k": at_10k.as_dict(),
+            "adjacent_ceilings": {
+                "before": before,
+                "after": after,
+                **{k: round((before[k] + after[k]) / 2, 1) for k in before},
+            },
         }
         if overload and best:
             seconds = scale.overload_seconds
@@ -395,7 +434,8 @@ def run_suite(
         )
         pool = make_corpus(scale.pool, seed=1)
         bench = Bench(workdir, influx, broker, pool, scale.duration, scale.drain_limit)
-        results["ceilings"] = measure_ceilings(bench, scale)
+        material = Material.build(bench, scale.sink_points)
+        results["ceilings"] = measure_ceilings(bench, scale, material)
         receiver = measure_receiver(bench, scale)
         results["ceilings"]["socket"] = receiver["socket"]
         results["receiver_alone"] = receiver["receiver"]
@@ -403,7 +443,7 @@ def run_suite(
         results["end_to_end"] = {"influx": {}, "influx+mqtt": {}}
         results["latency"] = {}
         for workers in scale.workers:
-            run_workers(bench, scale, args.quick, workers, results, save)
+            run_workers(bench, scale, args.quick, workers, material, results, save)
     results["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
     results["ratios"] = report.ratios(results)
     results["targets"] = report.targets(results)
@@ -416,12 +456,11 @@ def run_workers(
     scale: Scale,
     quick: bool,
     workers: int,
+    material: Material,
     results: dict[str, Any],
     save: Callable[[dict[str, Any]], None],
 ) -> None:
     """The end-to-end phases for one --workers value (and the overload, for the default)."""
-    sink = results["ceilings"]["sink"]["rate"]
-    broker = results["ceilings"]["broker"]["rate"]
     overload = workers == (
         DEFAULT_WORKERS if DEFAULT_WORKERS in scale.workers else scale.workers[-1]
     )
@@ -439,15 +478,13 @@ def run_workers(
 
     influx = phase(
         f"influx w{workers}",
-        lambda: measure_mode(bench, scale, "influx", workers, sink, quick, False),
+        lambda: measure_mode(bench, scale, "influx", workers, material, quick, False),
     )
     if influx is not None:
         e2e["influx"][key] = influx
     combined = phase(
         f"influx+mqtt w{workers}",
-        lambda: measure_mode(
-            bench, scale, "influx+mqtt", workers, min(sink, broker), quick, overload
-        ),
+        lambda: measure_mode(bench, scale, "influx+mqtt", workers, material, quick, overload),
     )
     if combined is not None:
         if "overload" in combined:
@@ -547,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     def save(partial: dict[str, Any]) -> None:
         json_path.write_bytes(orjson.dumps(partial, option=orjson.OPT_INDENT_2))
 
+    # SIGTERM (a test's timeout, a CI job cancelled) unwinds like Ctrl-C: every server and
+    # service the suite started is stopped on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     results = run_suite(args, scale, save)
     save(results)
     results["meta"]["plots"] = report.plot(
