@@ -26,6 +26,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from benchmarks.e2e import TopicCounter
 from shared.config import Config
 from shared.counters import Counters
 from shared.events import EncodedBatch, RawBatch
@@ -273,36 +274,14 @@ def with_subscriber(
     broker: MosquittoServer, workdir: Path, work: Callable[[], dict[str, Any]]
 ) -> dict[str, Any]:
     """Run `work` while a QoS 1 mosquitto_sub takes every message on the everything topic."""
-    path = workdir / f"ceiling-sub-{time.monotonic_ns()}.txt"
-    with open(path, "wb") as out:
-        counter = subprocess.Popen(
-            [
-                "mosquitto_sub",
-                "-h",
-                broker.host,
-                "-p",
-                str(broker.port),
-                "-q",
-                "1",
-                "-t",
-                EVERYTHING_TOPIC,
-                "-F",
-                "x",
-                "-i",
-                f"bench-ceiling-{time.monotonic_ns()}",
-            ],
-            stdout=out,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            time.sleep(0.3)
-            result = work()
-            time.sleep(0.3)
-        finally:
-            counter.terminate()
-            counter.wait(10)
-    result["subscriber_received"] = path.stat().st_size // 2  # "x\n" per message
-    path.unlink()
+    counter = TopicCounter(broker, workdir / f"ceiling-sub-{time.monotonic_ns()}.txt")
+    try:
+        result = work()
+        time.sleep(0.3)
+    finally:
+        counter.stop()
+    result["subscriber_received"] = counter.count()
+    counter.path.unlink()
     return result
 
 
