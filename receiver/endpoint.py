@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from receiver.guards import RateLimiter
@@ -52,6 +53,7 @@ class BatchingEndpoint(asyncio.DatagramProtocol):
         max_message_size: int = 65507,
         allowed_sources: frozenset[str] | None = None,
         rate_limiter: RateLimiter | None = None,
+        on_flush: Callable[[], None] | None = None,
     ) -> None:
         self._out = out
         self._counters = counters
@@ -61,6 +63,7 @@ class BatchingEndpoint(asyncio.DatagramProtocol):
         self._max_size = max_message_size
         self._allowed = allowed_sources
         self._limiter = rate_limiter
+        self._on_flush = on_flush
         self._datagrams: list[bytes] = []
         self._times: list[int] = []
         self._bytes = 0
@@ -74,15 +77,16 @@ class BatchingEndpoint(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self._counters.add("received")
+        # `received` is counted with the outcome: at a guard's drop, or when the batch is
+        # handed over, so that a reader killed with a partial batch leaves no count behind.
         if len(data) > self._max_size:
-            self._counters.add("dropped.too_large")
+            self._drop("dropped.too_large")
             return
         if self._allowed is not None and addr[0] not in self._allowed:
-            self._counters.add("dropped.source_not_allowed")
+            self._drop("dropped.source_not_allowed")
             return
         if self._limiter is not None and not self._limiter.allow():
-            self._counters.add("dropped.rate_limited")
+            self._drop("dropped.rate_limited")
             return
         if self._bytes + len(data) > self._max_bytes:
             self.flush()
@@ -93,6 +97,10 @@ class BatchingEndpoint(asyncio.DatagramProtocol):
             self.flush()
         elif self._timer is None:
             self._timer = self._loop.call_later(self._flush_s, self.flush)
+
+    def _drop(self, reason: str) -> None:
+        self._counters.add("received")
+        self._counters.add(reason)
 
     def error_received(self, exc: Exception) -> None:
         self._counters.add("errors.socket")
@@ -109,7 +117,10 @@ class BatchingEndpoint(asyncio.DatagramProtocol):
         datagrams, times = self.take_pending()
         if not datagrams:
             return
+        self._counters.add("received", len(datagrams))
         if self._out.send_nowait(RAW_ENCODER.encode(RawBatch(datagrams, times))):
             self._counters.add("queued", len(datagrams))
         else:
             self._counters.add("dropped.queue_full", len(datagrams))
+        if self._on_flush is not None:
+            self._on_flush()

@@ -216,12 +216,11 @@ class QueueMetrics:
         self.supervisor = supervisor
         self.clock = clock
         udp = supervisor.config.butler.user_events.udp_server_config
-        self.threshold = udp.message_queue.backpressure_threshold
+        self.backpressure = Backpressure(udp.message_queue.backpressure_threshold)
         self.rate_limited = udp.rate_limit.enable
         self.previous: dict[str, int] = {}
         self.previous_latency = Histogram.empty(LATENCY_BUCKETS)
         self.previous_time = clock()
-        self.backpressure = False
 
     def fields(self) -> dict[str, float]:
         from receiver.supervisor import RAW_BYTES_PER_DATAGRAM
@@ -257,7 +256,7 @@ class QueueMetrics:
             "rate_limit_current": round(delta.get("received", 0) / elapsed * 60)
             if self.rate_limited
             else 0,
-            "backpressure_active": int(self.backpressure_now(utilization, queue_full)),
+            "backpressure_active": int(self.backpressure.update(utilization, queue_full)),
         }
 
     def processing_times(self, statuses: dict[str, Any]) -> dict[str, float]:
@@ -275,13 +274,21 @@ class QueueMetrics:
             "processing_time_max_ms": round(maximum * 1000, 3),
         }
 
-    def backpressure_now(self, utilization: float, queue_full_drops: int) -> bool:
-        """Butler SOS's hysteresis: on at the threshold, off below 80 % of it."""
-        if utilization >= self.threshold or queue_full_drops:
-            self.backpressure = True
-        elif utilization < self.threshold * 0.8:
-            self.backpressure = False
-        return self.backpressure
+
+class Backpressure:
+    """`messageQueue.backpressureThreshold` with Butler SOS's hysteresis: on when the raw
+    queue is that % full (or dropped batches), off again below 80 % of it."""
+
+    def __init__(self, threshold_pct: float) -> None:
+        self.threshold = threshold_pct
+        self.active = False
+
+    def update(self, utilization_pct: float, queue_full_drops: int = 0) -> bool:
+        if utilization_pct >= self.threshold or queue_full_drops:
+            self.active = True
+        elif utilization_pct < self.threshold * 0.8:
+            self.active = False
+        return self.active
 
 
 # -- the thread ----------------------------------------------------------------------------

@@ -12,7 +12,8 @@ Metrics (counters are cumulative since start; `*_total` per Prometheus conventio
     senseflow_datagrams_queued_total                   handed to the workers
     senseflow_datagrams_invalid_total{reason}          not a user event (SPEC 1), by reason
     senseflow_datagrams_dropped_total{reason}          too_large, source_not_allowed,
-                                                       rate_limited, queue_full, kernel
+                                                       rate_limited, queue_full, kernel,
+                                                       worker_crash (held by a killed worker)
     senseflow_events_parsed_total                      valid user events
     senseflow_events_excluded_total                    valid, but the user is excluded
     senseflow_events_written_total{destination}        acknowledged by the destination
@@ -21,6 +22,7 @@ Metrics (counters are cumulative since start; `*_total` per Prometheus conventio
                                                        (destination_full: its spool backlog
                                                        passed the bound, oldest dropped)
     senseflow_destination_retries_total{destination}   failed attempts that were retried
+    senseflow_events_recovered_total{destination}      left in the spool by a previous run
     senseflow_mqtt_republished_total                   re-sent after a reconnect (QoS 1)
     senseflow_other_events_total{counter}              any other internal counter
     senseflow_queue_bytes{queue}                       bytes waiting in a channel
@@ -63,7 +65,14 @@ from workers.parse import INVALID_REASONS
 
 log = logging.getLogger("senseflow.metrics")
 
-DROP_REASONS = ("too_large", "source_not_allowed", "rate_limited", "queue_full", "kernel")
+DROP_REASONS = (
+    "too_large",
+    "source_not_allowed",
+    "rate_limited",
+    "queue_full",
+    "kernel",
+    "worker_crash",
+)
 _PLAIN = {
     "received": ("senseflow_datagrams_received", "UDP datagrams read from the socket"),
     "queued": ("senseflow_datagrams_queued", "Datagrams handed to the workers"),
@@ -79,6 +88,10 @@ _PER_DESTINATION = {
     "written": ("senseflow_events_written", "Events acknowledged by the destination"),
     "failed": ("senseflow_events_failed", "Events the destination rejected"),
     "retries": ("senseflow_destination_retries", "Failed write attempts that were retried"),
+    "recovered": (
+        "senseflow_events_recovered",
+        "Events a previous run left in the spool, delivered by this run",
+    ),
 }
 
 

@@ -14,7 +14,7 @@ from receiver.endpoint import BatchingEndpoint, ReceiveClock
 from receiver.guards import RateLimiter, resolve_sources
 from shared import exitcodes
 from shared.config import Config
-from shared.counters import Counters
+from shared.counters import Counters, SharedCounters
 from shared.events import RAW_ENCODER, RawBatch
 from shared.ipc import REPORT_INTERVAL, Channels, report, start_parent_watch
 from shared.logs import setup_logging
@@ -29,7 +29,7 @@ class BindError(Exception):
     pass
 
 
-def run(config: Config, channels: Channels, index: int, parent_pid: int) -> int:
+def run(config: Config, channels: Channels, index: int, parent_pid: int, block: object) -> int:
     name = f"reader-{index}"
     setup_logging(config.pipeline.log_level, config.pipeline.log_format, name)
     start_parent_watch(parent_pid, channels.stop.set)
@@ -38,7 +38,7 @@ def run(config: Config, channels: Channels, index: int, parent_pid: int) -> int:
     except BindError as exc:
         report(channels, name, "fatal", str(exc))
         return exitcodes.BIND_ERROR
-    reader = Reader(config, channels, name, index, sock)
+    reader = Reader(config, channels, name, index, sock, SharedCounters(block))
     return uvloop.run(reader.serve())
 
 
@@ -84,13 +84,22 @@ def set_receive_buffer(sock: socket.socket, wanted: int) -> int:
 
 class Reader:
     def __init__(
-        self, config: Config, channels: Channels, name: str, index: int, sock: socket.socket
+        self,
+        config: Config,
+        channels: Channels,
+        name: str,
+        index: int,
+        sock: socket.socket,
+        shared: SharedCounters,
     ) -> None:
         self.config = config
         self.channels = channels
         self.name = name
         self.sock = sock
+        # Counted here per datagram, published to the shared block with every batch handed
+        # over: a reader killed loses only its partial batch, never counted as received.
         self.counters = Counters()
+        self.shared = shared
         self.clock = ReceiveClock(index, config.pipeline.readers)
         self.kernel_drops = KernelDrops(sock)
 
@@ -113,6 +122,7 @@ class Reader:
             udp.max_message_size,
             allowed,
             limiter,
+            self.publish_counters,
         )
 
     async def serve(self) -> int:
@@ -124,31 +134,35 @@ class Reader:
         report(self.channels, self.name, "ready", address[1])
         while not self.channels.stop.is_set():
             await asyncio.sleep(REPORT_INTERVAL)
-            self.report_counters()
+            self.count_kernel_drops()
         transport.close()
         await asyncio.sleep(0)
         await loop.run_in_executor(None, self.drain, endpoint)
-        self.report_counters()
+        self.count_kernel_drops()
         return exitcodes.OK
 
     def drain(self, endpoint: BatchingEndpoint) -> None:
         """Hand over the last partial batch, waiting for room rather than dropping it."""
         datagrams, times = endpoint.take_pending()
-        if not datagrams:
-            return
-        message = RAW_ENCODER.encode(RawBatch(datagrams, times))
-        if self.channels.raw.send(message, timeout=DRAIN_PUT_TIMEOUT):
-            self.counters.add("queued", len(datagrams))
-        else:
-            self.counters.add("dropped.queue_full", len(datagrams))
+        if datagrams:
+            self.counters.add("received", len(datagrams))
+            message = RAW_ENCODER.encode(RawBatch(datagrams, times))
+            if self.channels.raw.send(message, timeout=DRAIN_PUT_TIMEOUT):
+                self.counters.add("queued", len(datagrams))
+            else:
+                self.counters.add("dropped.queue_full", len(datagrams))
+        self.publish_counters()
 
-    def report_counters(self) -> None:
+    def count_kernel_drops(self) -> None:
         drops = self.kernel_drops.take_new()
         if drops:
             self.counters.add("dropped.kernel", drops)
+        self.publish_counters()
+
+    def publish_counters(self) -> None:
         delta = self.counters.take_delta()
         if delta:
-            report(self.channels, self.name, "counters", delta)
+            self.shared.commit(delta)
 
 
 class KernelDrops:

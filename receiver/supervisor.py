@@ -1,7 +1,8 @@
 """The supervisor: starts the children, watches them, restarts what dies, drains on signal.
 
 Modelled on gunicorn's arbiter and uvicorn's multiprocess supervisor: signal handlers only
-record; one loop reads the children's reports (readiness, counter deltas), reaps the dead,
+record; one loop reads the children's reports (readiness, telemetry) and sums their shared
+counter blocks, reaps the dead (telling the writer what a dead worker held),
 restarts a child that crashed at run time with capped backoff, halts on a boot failure or
 a restart storm, and on the first SIGTERM/SIGINT drains in order: receivers stop reading,
 workers finish every batch read, the writer flushes every destination. A second signal
@@ -20,11 +21,13 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from receiver.influxstats import Backpressure
 from receiver.observers import start_observers
 from receiver.telemetry import Telemetry
 from shared import exitcodes
 from shared.config import Config
-from shared.counters import summary_line
+from shared.counters import SharedCounters, new_block, sum_counters, summary_line
+from shared.events import RAW_ENCODER, EncodedBatch
 from shared.ipc import STOP, Channels, MessageChannel, drain_reports
 from workers.appnames import AppNamesPublisher
 
@@ -48,12 +51,17 @@ def child_main(target: Callable[..., int], args: tuple[Any, ...]) -> None:
 
 
 class Child:
-    """One slot (reader-0, worker-1, writer): the process in it and its restart history."""
+    """One slot (reader-0, worker-1, writer): the process in it, its restart history, and
+    its shared counter block, which every process in the slot counts into in turn."""
 
-    def __init__(self, name: str, target: Callable[..., int], args: tuple[Any, ...]) -> None:
+    def __init__(
+        self, name: str, target: Callable[..., int], args: tuple[Any, ...], context: Any
+    ) -> None:
         self.name = name
         self.target = target
-        self.args = args
+        block = new_block(context)
+        self.counters = SharedCounters(block)
+        self.args = (*args, block)
         self.process: BaseProcess | None = None
         self.ready = False
         self.restarts: list[float] = []
@@ -83,6 +91,15 @@ class Child:
         return len(self.restarts) > STORM_RESTARTS
 
 
+def raw_channel_bytes(config: Config) -> int:
+    """The readers -> workers channel: `queueSize` batches of `readerBatchSize` datagrams,
+    and never fewer datagrams than Butler SOS's `messageQueue.maxSize` would queue."""
+    pipe = config.pipeline
+    queue = config.butler.user_events.udp_server_config.message_queue
+    datagrams = max(pipe.queue_size * pipe.reader_batch_size, queue.max_size)
+    return max(MIN_CHANNEL_BYTES, datagrams * RAW_BYTES_PER_DATAGRAM)
+
+
 def describe_exit(code: int | None) -> str:
     if code is None:
         return "still running"
@@ -98,12 +115,7 @@ class Supervisor:
         self.app_names = AppNamesPublisher(config)
         pipe = config.pipeline
         self.channels = Channels(
-            raw=MessageChannel(
-                max(
-                    MIN_CHANNEL_BYTES,
-                    pipe.queue_size * pipe.reader_batch_size * RAW_BYTES_PER_DATAGRAM,
-                )
-            ),
+            raw=MessageChannel(raw_channel_bytes(config)),
             encoded=MessageChannel(
                 max(
                     MIN_CHANNEL_BYTES,
@@ -115,6 +127,10 @@ class Supervisor:
             app_names_path=self.app_names.path,
         )
         self.totals: dict[str, int] = {}
+        self.fences: list[bytes] = []  # for the writer: what dead workers held
+        threshold = config.butler.user_events.udp_server_config.message_queue
+        self.backpressure = Backpressure(threshold.backpressure_threshold)
+        self.queue_full_seen = 0
         self.telemetry = Telemetry(config, self.destinations())  # delivery, latency, children
         self.signals: list[int] = []
         self.fatal: dict[str, str] = {}
@@ -130,20 +146,26 @@ class Supervisor:
         from receiver import process
 
         return Child(
-            f"reader-{index}", process.run, (self.config, self.channels, index, os.getpid())
+            f"reader-{index}",
+            process.run,
+            (self.config, self.channels, index, os.getpid()),
+            self.context,
         )
 
     def _worker_slot(self, index: int) -> Child:
         from workers import process
 
         return Child(
-            f"worker-{index}", process.run, (self.config, self.channels, index, os.getpid())
+            f"worker-{index}",
+            process.run,
+            (self.config, self.channels, index, os.getpid()),
+            self.context,
         )
 
     def _writer_slot(self) -> Child:
         from workers import writer
 
-        return Child("writer", writer.run, (self.config, self.channels, os.getpid()))
+        return Child("writer", writer.run, (self.config, self.channels, os.getpid()), self.context)
 
     @property
     def children(self) -> list[Child]:
@@ -224,6 +246,7 @@ class Supervisor:
             if code is not None:
                 self.stop_now()
                 return code
+            self.watch_backpressure()
             self.maybe_log_summary()
 
     def reap_children(self) -> int | None:
@@ -243,6 +266,8 @@ class Supervisor:
                     describe_exit(child.process.exitcode),
                     delay,
                 )
+                if child in self.workers:
+                    self.settle_worker(child)
                 if child.storming():
                     log.error(
                         "%s keeps dying (%d restarts in %.0fs); stopping",
@@ -257,6 +282,42 @@ class Supervisor:
                 child.spawn(self.context)
         return None
 
+    def watch_backpressure(self) -> None:
+        """Log when the raw queue passes `messageQueue.backpressureThreshold` % (or drops a
+        batch), and when it is back under, as Butler SOS does."""
+        raw = self.channels.raw
+        utilization = 100.0 * raw.pending_bytes() / raw.capacity
+        queue_full = self.totals.get("dropped.queue_full", 0)
+        new_drops, self.queue_full_seen = queue_full - self.queue_full_seen, queue_full
+        was_active = self.backpressure.active
+        if self.backpressure.update(utilization, new_drops) and not was_active:
+            log.warning(
+                "backpressure: the workers' queue is %.0f%% full%s (threshold %s%%); "
+                "add --workers if it persists",
+                utilization,
+                f", {new_drops} datagram(s) dropped" if new_drops else "",
+                self.backpressure.threshold,
+            )
+        elif was_active and not self.backpressure.active:
+            log.info("backpressure over: the workers' queue is %.0f%% full", utilization)
+
+    def settle_worker(self, child: Child) -> None:
+        """A worker died: tell the writer what it held (a fence batch, after anything it
+        sent), and let its successor number its sends past it."""
+        from workers.process import HOLDING, held, holding
+
+        number, datagrams = held(child.counters.get(HOLDING))
+        if datagrams:
+            index = self.workers.index(child)
+            fence = EncodedBatch(b"", [], b"", [], [], {}, index, number, datagrams, fence=True)
+            self.fences.append(RAW_ENCODER.encode(fence))
+            child.counters.set(HOLDING, holding(number + 1, 0))
+        self.send_fences()
+
+    def send_fences(self, timeout: float = 0.0) -> None:
+        while self.fences and self.channels.encoded.send(self.fences[0], timeout):
+            self.fences.pop(0)
+
     def drain(self) -> int:
         """Stop reading, finish every batch read, flush every destination, exit 0."""
         log.info("draining: stopping receivers, then workers, then the writer")
@@ -264,16 +325,44 @@ class Supervisor:
         self.channels.stop.set()
         if not self.wait_for(self.readers, deadline):
             return self.stop_now()
+        if not self.revive(self.workers, deadline):
+            return self.stop_now()
         for _ in self.workers:
             self.channels.raw.send(STOP)
         if not self.wait_for(self.workers, deadline):
             return self.stop_now()
+        self.reap_dead_workers()
+        if not self.revive([self.writer], deadline):
+            return self.stop_now()
+        self.send_fences(max(0.0, deadline - time.monotonic()))
         self.channels.encoded.send(STOP)
         if not self.wait_for([self.writer], deadline):
             return self.stop_now()
         self.read_reports(0.2)
         log.info("drained; exiting")
         return exitcodes.OK
+
+    def revive(self, group: list[Child], deadline: float) -> bool:
+        """Start now what is dead and waiting for its restart: a drain needs every worker
+        (or at least one) and the writer to finish what was read."""
+        dead = [child for child in group if not child.alive]
+        if not dead:
+            return True
+        for child in dead:
+            child.restart_at = 0.0
+            child.spawn(self.context)
+        while not all(child.ready for child in dead):
+            self.read_reports(0.1)
+            if time.monotonic() > deadline or any(not c.alive and not c.ready for c in dead):
+                log.error("cannot restart %s to drain", ", ".join(c.name for c in dead))
+                return False
+        return True
+
+    def reap_dead_workers(self) -> None:
+        """Workers that died while draining: their fences go before the writer's STOP."""
+        for child in self.workers:
+            if child.process is not None and child.process.exitcode not in (None, 0):
+                self.settle_worker(child)
 
     def wait_for(self, group: list[Child], deadline: float) -> bool:
         while any(child.alive for child in group):
@@ -307,15 +396,14 @@ class Supervisor:
 
     def read_reports(self, timeout: float) -> None:
         for name, kind, payload in drain_reports(self.channels.reports, timeout):
-            if kind == "counters":
-                for key, value in payload.items():
-                    self.totals[key] = self.totals.get(key, 0) + value
-            elif kind == "ready":
+            if kind == "ready":
                 self._mark_ready(name, payload)
             elif kind == "fatal":
                 self.fatal[name] = payload
             elif kind in ("delivery", "event_counts"):
                 self.telemetry.record(kind, payload)
+        self.totals = sum_counters(child.counters for child in self.children)
+        self.send_fences()
         self.telemetry.observe_children((c.name, c.pid, c.alive, c.ready) for c in self.children)
 
     def _mark_ready(self, name: str, payload: Any) -> None:

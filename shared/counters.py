@@ -1,15 +1,38 @@
-"""Counters kept per process and sent to the supervisor as deltas (SPEC 4).
+"""Counters of every process, and how they reach the supervisor (SPEC 4).
 
-Names are dotted: `received`, `invalid.<reason>`, `excluded`, `dropped.<reason>`,
-`dropped.destination_full.<destination>` (given up on by one destination only, so not
-part of the `dropped` that balances `received`),
-`written.<destination>`, `failed.<destination>`. The supervisor sums the deltas of
-every process; nobody shares mutable state.
+Names are dotted: `received`, `queued`, `events`, `invalid.<reason>`, `excluded`,
+`dropped.<reason>` (`too_large`, `source_not_allowed`, `rate_limited`, `queue_full`,
+`kernel`, `worker_crash`), `written.<destination>`, `failed.<destination>`,
+`dropped.destination_full.<destination>` (given up on by one destination only, so not part
+of the `dropped` that balances `received`) and `recovered.<destination>` (events a previous
+run left in the spool, delivered by this one).
+
+Each child slot counts into its own `SharedCounters` block and the supervisor sums the
+blocks, so counts survive the death of the process that made them. Per run:
+
+    received = events + invalid + excluded + dropped (minus kernel and destination_full)
+    events + recovered.D = written.D + failed.D + dropped.destination_full.D + still spooled
+
+`Counters` is the plain in-process kind, for code that counts locally and publishes.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+
+class Counting(Protocol):
+    """What code that counts needs: `Counters` in a process, or a `SharedCounters` block."""
+
+    def add(self, name: str, amount: int = 1) -> None: ...
+
+    def add_all(self, amounts: Mapping[str, int]) -> None: ...
+
+    def get(self, name: str) -> int: ...
+
+    def snapshot(self) -> dict[str, int]: ...
 
 
 class Counters:
@@ -68,7 +91,158 @@ def summary_line(values: Mapping[str, int], destinations: Iterable[str]) -> str:
     for destination in destinations:
         parts.append(f"written.{destination}={values.get('written.' + destination, 0)}")
         parts.append(f"failed.{destination}={values.get('failed.' + destination, 0)}")
+        if values.get("recovered." + destination):
+            parts.append(f"recovered.{destination}={values['recovered.' + destination]}")
     details = [
         f"{k}={v}" for k, v in sorted(values.items()) if k.startswith(("invalid.", "dropped."))
     ]
     return " ".join(parts + details)
+
+
+# -- counters that outlive the process that counts them ------------------------------------
+
+BLOCK_SLOTS = 1024
+"""Counter names one block can hold; far more than any process uses (about 40)."""
+_NAME_BYTES = 48 * 1024
+_GENERATION, _COUNT, _NAMES_USED = 0, 1, 2
+_HEADER_WORDS = 4
+_BLOCK_WORDS = _HEADER_WORDS + 2 * BLOCK_SLOTS + _NAME_BYTES // 8
+HIDDEN = "_"
+"""Names starting with this are a process's own bookkeeping, never summed or shown."""
+
+
+def new_block(context: Any) -> Any:
+    """Shared memory for one child slot, made by the supervisor before the child starts."""
+    return context.RawArray(ctypes.c_int64, _BLOCK_WORDS)
+
+
+class SharedCounters:
+    """Counters in a block of shared memory, written by one process at a time.
+
+    The supervisor gives every child slot a block, and a restarted child attaches to its
+    predecessor's block: a child killed with SIGKILL loses no count, because there is no
+    delta waiting to be reported, and its successor finds the bookkeeping it left.
+
+    The block holds two copies of the values. `add` and `set` change one value in the live
+    copy (one aligned 8-byte store each). `commit` changes several values at once: it
+    copies the live values to the other copy, changes them there, then flips the
+    generation, so a process killed in the middle leaves either none or all of a commit.
+    Readers (`snapshot`) retry when the generation moved while they read (a seqlock).
+    """
+
+    def __init__(self, block: Any) -> None:
+        self._words = block
+        self._bytes = memoryview(block).cast("B")
+        self._names_at = (_HEADER_WORDS + 2 * BLOCK_SLOTS) * 8
+        self._index: dict[str, int] = {}
+        self._refresh_index()
+
+    # -- writing (the one process that owns the block) -------------------------------------
+
+    def add(self, name: str, amount: int = 1) -> None:
+        words = self._words
+        slot = self._value_slot(self._slot(name), words[_GENERATION])
+        words[slot] += amount
+
+    def set(self, name: str, value: int) -> None:
+        words = self._words
+        words[self._value_slot(self._slot(name), words[_GENERATION])] = value
+
+    def add_all(self, amounts: Mapping[str, int]) -> None:
+        self.commit(amounts)
+
+    def commit(self, adds: Mapping[str, int], sets: Mapping[str, int] | None = None) -> None:
+        """Apply every add and set, or (if killed meanwhile) none of them."""
+        slots = [(self._slot(name), amount) for name, amount in adds.items()]
+        assignments = [(self._slot(name), value) for name, value in (sets or {}).items()]
+        words = self._words
+        generation = words[_GENERATION]
+        live = self._value_slot(0, generation)
+        spare = self._value_slot(0, generation + 1)
+        count = words[_COUNT]
+        ctypes.memmove(
+            ctypes.addressof(words) + spare * 8, ctypes.addressof(words) + live * 8, count * 8
+        )
+        for slot, amount in slots:
+            words[spare + slot] += amount
+        for slot, value in assignments:
+            words[spare + slot] = value
+        words[_GENERATION] = generation + 1
+
+    def get(self, name: str) -> int:
+        slot = self._index.get(name)
+        if slot is None:
+            self._refresh_index()
+            slot = self._index.get(name)
+            if slot is None:
+                return 0
+        words = self._words
+        return int(words[self._value_slot(slot, words[_GENERATION])])
+
+    def has(self, name: str) -> bool:
+        self._refresh_index()
+        return name in self._index
+
+    def _slot(self, name: str) -> int:
+        slot = self._index.get(name)
+        if slot is None:
+            slot = self._register(name)
+        return slot
+
+    def _register(self, name: str) -> int:
+        self._refresh_index()
+        if name in self._index:
+            return self._index[name]
+        words = self._words
+        count, used = int(words[_COUNT]), int(words[_NAMES_USED])
+        encoded = name.encode() + b"\0"
+        if count >= BLOCK_SLOTS or used + len(encoded) > _NAME_BYTES:
+            raise RuntimeError(f"counter block full: cannot add {name!r}")
+        start = self._names_at + used
+        self._bytes[start : start + len(encoded)] = encoded
+        words[_HEADER_WORDS + count] = 0  # both copies start at 0
+        words[_HEADER_WORDS + BLOCK_SLOTS + count] = 0
+        words[_NAMES_USED] = used + len(encoded)
+        words[_COUNT] = count + 1  # last: a reader never sees a name half written
+        self._index[name] = count
+        return count
+
+    @staticmethod
+    def _value_slot(slot: int, generation: int) -> int:
+        return _HEADER_WORDS + (generation & 1) * BLOCK_SLOTS + slot
+
+    def _refresh_index(self) -> None:
+        names = self._names(self._words[_COUNT])
+        self._index = {name: slot for slot, name in enumerate(names)}
+
+    def _names(self, count: int) -> list[str]:
+        if not count:
+            return []
+        used = self._words[_NAMES_USED]
+        raw = bytes(self._bytes[self._names_at : self._names_at + used])
+        return raw.decode().split("\0")[:count]
+
+    # -- reading (the supervisor, any time) --------------------------------------------------
+
+    def snapshot(self) -> dict[str, int]:
+        """Every value, consistent with one generation; hidden names included."""
+        words = self._words
+        while True:
+            generation = words[_GENERATION]
+            count = words[_COUNT]
+            names = self._names(count)
+            start = self._value_slot(0, generation)
+            values = words[start : start + count]
+            if words[_GENERATION] == generation:
+                return dict(zip(names, map(int, values), strict=True))
+
+    def visible(self) -> dict[str, int]:
+        return {k: v for k, v in self.snapshot().items() if not k.startswith(HIDDEN) and v}
+
+
+def sum_counters(blocks: Iterable[SharedCounters]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for block in blocks:
+        for name, value in block.visible().items():
+            totals[name] = totals.get(name, 0) + value
+    return totals

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from shared.config import Config
-from shared.counters import Counters
+from shared.counters import Counting
 
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.001,
@@ -85,11 +85,9 @@ def observe_value(hist: HistogramDelta, bounds: tuple[float, ...], value: float)
 
 
 def make_tracker(
-    config: Config, destinations: Iterable[str], counters: Counters
+    config: Config, destinations: Iterable[str], counters: Counting
 ) -> DeliveryTracker:
-    """New Relic delivers every event once per destination account, and counts each."""
-    accounts = config.butler.user_events.send_to_new_relic.destination_account or []
-    return DeliveryTracker(destinations, counters, copies={"newrelic": max(1, len(accounts))})
+    return DeliveryTracker(destinations, counters)
 
 
 class DeliveryTracker:
@@ -97,23 +95,20 @@ class DeliveryTracker:
 
     An event is *waiting* for a destination from the moment the writer takes it until the
     destination counts it `written.<d>`, `failed.<d>` or `dropped.<reason>.<d>`
-    (`copies[d]` times when it is delivered more than once, e.g. to several New Relic
-    accounts). With a spool, `use_spool(spool)` replaces that estimate by the spool's own
-    count of unacknowledged events per destination, which also covers the backlog a new
-    writer replays from a previous run.
+    (once, however many New Relic accounts it goes to). With a spool, `use_spool(spool)`
+    replaces that estimate by the spool's own count of unacknowledged events per
+    destination, which also covers the backlog a new writer replays from a previous run.
     """
 
     def __init__(
         self,
         destinations: Iterable[str],
-        counters: Counters,
+        counters: Counting,
         clock: Callable[[], float] = time.monotonic,
         wall_ns: Callable[[], int] = time.time_ns,
-        copies: dict[str, int] | None = None,
     ) -> None:
         self.destinations = list(destinations)
         self.counters = counters
-        self.copies = copies or {}
         self.clock = clock
         self.wall_ns = wall_ns
         self.accepted = 0
@@ -147,16 +142,13 @@ class DeliveryTracker:
         dropped = sum(
             v for k, v in values.items() if k.startswith("dropped.") and k.endswith(suffix)
         )
-        copies = self.copies.get(destination, 1)
-        return (
-            values.get(f"written{suffix}", 0) + values.get(f"failed{suffix}", 0) + dropped * copies
-        )
+        return values.get(f"written{suffix}", 0) + values.get(f"failed{suffix}", 0) + dropped
 
     def pending(self, destination: str, done: int) -> int:
         if self.spool is not None:
             spool = self.spool
             return sum(spool.events_in(seq) for seq in spool.pending(destination))
-        return max(0, self.accepted * self.copies.get(destination, 1) - done)
+        return max(0, self.accepted - done)
 
     def status(self, destination: str) -> tuple[int, float]:
         """(events waiting, seconds without any acknowledgement while they waited)."""

@@ -55,6 +55,11 @@ class EncodedBatch(msgspec.Struct, array_like=True, gc=False):
     `mqtt_payloads[i]` belongs to the event whose action index is `actions[i]`.
     `newrelic` holds one JSON object per event (empty when New Relic is off).
     `received_ns` is the receive time per event, for latency measurement.
+    `worker` and `number` say which worker sent it and its place in that worker's sends
+    (consecutive, carried on across restarts of the worker); `datagrams` is how many
+    datagrams it accounts for (events + invalid + excluded). A `fence` batch carries no
+    events: the supervisor sends it after `worker` died holding `datagrams` datagrams from
+    its send `number` on, and the writer counts those it never got as lost.
     """
 
     lines: bytes
@@ -63,6 +68,22 @@ class EncodedBatch(msgspec.Struct, array_like=True, gc=False):
     newrelic: list[bytes]
     received_ns: list[int]
     counters: dict[str, int]
+    worker: int = -1
+    number: int = 0
+    datagrams: int = 0
+    fence: bool = False
+
+
+def raw_batch_size(message: bytes) -> int:
+    """Datagrams in an encoded RawBatch, read from its msgpack header without decoding it."""
+    tag = message[1] if len(message) > 1 else 0
+    if tag & 0xF0 == 0x90:
+        return tag & 0x0F
+    if tag == 0xDC:
+        return int.from_bytes(message[2:4], "big")
+    if tag == 0xDD:
+        return int.from_bytes(message[2:6], "big")
+    return len(RAW_DECODER.decode(message).datagrams)
 
 
 RAW_ENCODER = msgspec.msgpack.Encoder()

@@ -8,7 +8,9 @@ half-written message nor hold a lock that its siblings wait for, which a
 a full channel blocks a worker's send (backpressure) and fails a receiver's non-blocking
 send, which the receiver counts as a drop.
 
-Reports (counters, readiness) go to the supervisor over a plain `multiprocessing.Queue`.
+Reports (readiness, fatal errors, latency and event-count telemetry) go to the supervisor
+over a plain `multiprocessing.Queue`; counters do not: they live in shared memory
+(`shared.counters.SharedCounters`), so that a killed child loses none.
 """
 
 from __future__ import annotations
@@ -78,6 +80,28 @@ class MessageChannel:
                 return None
             _wait(self._recv, select.POLLIN, remaining)
 
+    def peek(self, timeout: float) -> bytes | None:
+        """The next message, left in the channel until `discard_next()`; None on timeout.
+
+        Only for a channel with a single receiver (the writer): it takes a batch for good
+        only once it has spooled and counted it, so that being killed in between loses
+        nothing (its successor peeks the same batch again).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._recv.recv(self.max_message + 1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            _wait(self._recv, select.POLLIN, remaining)
+
+    def discard_next(self) -> None:
+        """Drop the message `peek` returned (a one-byte read discards the rest of a datagram)."""
+        self._recv.recv(1, socket.MSG_DONTWAIT)
+
     def pending_bytes(self) -> int:
         """Bytes queued and not yet received (Linux SIOCOUTQ on the sending socket)."""
         import fcntl
@@ -113,7 +137,7 @@ class Channels:
 
 
 def report(channels: Channels, name: str, kind: str, payload: Any = None) -> None:
-    """kind: "ready", "counters" (a delta dict), "latency" or "fatal" (one line)."""
+    """kind: "ready", "fatal" (one line), "delivery" or "event_counts" (telemetry)."""
     channels.reports.put((name, kind, payload))
 
 

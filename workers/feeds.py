@@ -5,6 +5,11 @@ sink the next record it has not handed yet (from the in-memory cache when it is 
 else read back from disk) and the sink acknowledges records once delivered. A slow or
 dead destination therefore holds back nobody else: its backlog waits on disk, bounded,
 while the others keep up.
+
+Events are counted `written.<destination>` / `failed.<destination>` when the cursor passes
+their record, in the same commit that records the cursor in the writer's shared counter
+block: a writer killed at any instant has counted exactly the records its successor will
+not send again.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from shared.counters import Counters
+from shared.counters import SharedCounters
 from shared.events import ENCODED_DECODER, EncodedBatch
-from workers.sinks.base import Sink
+from workers.sinks.base import Ack, Sink
 from workers.spool import Spool
 
 log = logging.getLogger("senseflow.writer")
@@ -40,7 +45,9 @@ class BatchCache:
 
 
 class Feed:
-    def __init__(self, sink: Sink, spool: Spool, cache: BatchCache, counters: Counters) -> None:
+    def __init__(
+        self, sink: Sink, spool: Spool, cache: BatchCache, counters: SharedCounters
+    ) -> None:
         self.sink = sink
         self.name = sink.name
         self.spool = spool
@@ -49,11 +56,29 @@ class Feed:
         self.next = spool.cursors[self.name]
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
+        self.handed_then_dropped: set[int] = set()
+        self.written_key = f"written.{self.name}"
+        self.failed_key = f"failed.{self.name}"
+        self.cursor_key = cursor_key(self.name)
         sink.on_ack = self.acknowledged
 
-    def acknowledged(self, seqs: list[int]) -> None:
-        for seq in seqs:
-            self.spool.ack(self.name, seq)
+    def acknowledged(self, acks: list[Ack]) -> None:
+        written = failed = 0
+        cursor = None
+        for seq, done, rejected in acks:
+            passed = self.spool.ack(self.name, seq, done, rejected)
+            if passed is not None:
+                written, failed, cursor = (
+                    written + passed.written,
+                    failed + passed.failed,
+                    passed.cursor,
+                )
+            elif seq in self.handed_then_dropped:  # behind the cursor, but ours to count
+                self.handed_then_dropped.discard(seq)
+                written, failed = written + done, failed + rejected
+        if written or failed or cursor is not None:
+            sets = {} if cursor is None else {self.cursor_key: cursor}
+            self.counters.commit({self.written_key: written, self.failed_key: failed}, sets)
 
     @property
     def backlog(self) -> int:
@@ -90,9 +115,18 @@ class Feed:
         return None
 
     def count_dropped(self, records: dict[int, int]) -> int:
-        """Of the records {seq: events} the spool gave up on, count those never handed over."""
+        """Of the records {seq: events} the spool gave up on, count those never handed over;
+        those handed over are counted when the sink acknowledges them."""
         dropped = sum(events for seq, events in records.items() if seq >= self.next)
-        if dropped:
-            self.counters.add(f"dropped.destination_full.{self.name}", dropped)
+        self.handed_then_dropped.update(seq for seq in records if seq < self.next)
+        self.counters.commit(
+            {f"dropped.destination_full.{self.name}": dropped},
+            {self.cursor_key: self.spool.cursors[self.name]},
+        )
         self.next = max(self.next, max(records, default=-1) + 1)
         return dropped
+
+
+def cursor_key(destination: str) -> str:
+    """Where the writer's counter block keeps a destination's spool cursor."""
+    return f"_cursor.{destination}"

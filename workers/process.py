@@ -1,4 +1,12 @@
-"""A worker process: raw batches in, one encoded batch out per raw batch."""
+"""A worker process: raw batches in, one encoded batch out per raw batch.
+
+The worker counts nothing of its own: each encoded batch carries its counts (events,
+invalid, excluded) to the writer, which counts them as it spools the batch. What the
+worker records, in its shared counter block, is what it holds: `_holding` is
+`number << 32 | datagrams`, the number of its next send and how many datagrams it has
+taken and not yet sent on. If the worker is killed, the supervisor reads that and tells
+the writer (a fence batch), which counts what never arrived as `dropped.worker_crash`.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +16,8 @@ import time
 
 from shared import exitcodes
 from shared.config import Config
-from shared.counters import Counters
-from shared.events import RAW_DECODER, RAW_ENCODER, RawBatch
+from shared.counters import SharedCounters
+from shared.events import RAW_DECODER, RAW_ENCODER, RawBatch, raw_batch_size
 from shared.ipc import REPORT_INTERVAL, STOP, Channels, report, start_parent_watch
 from shared.logs import RateLimitedLog, setup_logging
 from workers.appnames import AppNamesWatcher
@@ -26,24 +34,42 @@ log = logging.getLogger("senseflow.worker")
 BENCH_DISCARD = os.environ.get("SENSEFLOW_BENCH_DISCARD") == "1"
 
 
-def run(config: Config, channels: Channels, index: int, parent_pid: int) -> int:
+HOLDING = "_holding"
+
+
+def holding(number: int, datagrams: int) -> int:
+    return number << 32 | datagrams
+
+
+def held(value: int) -> tuple[int, int]:
+    """(number of the next send, datagrams held) from a `_holding` value."""
+    return value >> 32, value & 0xFFFFFFFF
+
+
+def run(config: Config, channels: Channels, index: int, parent_pid: int, block: object) -> int:
     name = f"worker-{index}"
     setup_logging(config.pipeline.log_level, config.pipeline.log_format, name)
-    worker = Worker(config, channels, name)
+    worker = Worker(config, channels, index, SharedCounters(block))
     start_parent_watch(parent_pid, worker.orphaned)
     report(channels, name, "ready")
     return worker.serve()
 
 
 class Worker:
-    def __init__(self, config: Config, channels: Channels, name: str) -> None:
+    def __init__(
+        self, config: Config, channels: Channels, index: int, counters: SharedCounters
+    ) -> None:
         self.channels = channels
-        self.name = name
-        self.counters = Counters()
+        self.index = index
+        self.name = f"worker-{index}"
+        self.counters = counters
+        # A predecessor's sends were numbered up to here; the supervisor settled what it held.
+        self.number, _ = held(counters.get(HOLDING))
         self.pipeline = EventPipeline(config, load_app_names(config))
         self.app_names = AppNamesWatcher(channels.app_names_path)
         self.refresh_app_names()
         self.invalid_log = RateLimitedLog(log)
+        self.held = 0
         self.orphan = False
 
     def orphaned(self) -> None:
@@ -65,32 +91,37 @@ class Worker:
         return exitcodes.OK
 
     def process(self, item: bytes) -> None:
+        self.held = raw_batch_size(item)
+        self.counters.set(HOLDING, holding(self.number, self.held))
         if BENCH_DISCARD:
             self.discard(item)
-            return
-        self.process_raw(RAW_DECODER.decode(item))
+        else:
+            self.process_raw(RAW_DECODER.decode(item))
+        self.counters.set(HOLDING, holding(self.number, 0))
 
     def discard(self, item: bytes) -> None:
         """SENSEFLOW_BENCH_DISCARD=1 (benchmarks only): decode, count, drop."""
         count = len(RAW_DECODER.decode(item).datagrams)
-        self.counters.add("events", count)
-        self.counters.add("written.discard", count)
+        self.counters.commit({"events": count, "written.discard": count})
 
     def process_raw(self, raw: RawBatch) -> None:
         batch = self.pipeline.process_batch(raw)
+        batch.worker, batch.number, batch.datagrams = self.index, self.number, len(raw.datagrams)
         message = RAW_ENCODER.encode(batch)
         if len(message) > self.channels.encoded.max_message and len(raw.datagrams) > 1:
             middle = len(raw.datagrams) // 2
             self.process_raw(RawBatch(raw.datagrams[:middle], raw.received_ns[:middle]))
             self.process_raw(RawBatch(raw.datagrams[middle:], raw.received_ns[middle:]))
             return
-        self.counters.add_all(batch.counters)
         if self.pipeline.event_counts is not None:
             self.pipeline.event_counts.commit()
         if batch.counters.keys() - {"events"}:
             self.log_invalid(batch.counters, raw)
-        if batch.received_ns:
-            self.channels.encoded.send(message)
+        # Sent even when it holds no event: the writer counts its invalid and excluded.
+        self.channels.encoded.send(message)
+        self.number += 1
+        self.held -= batch.datagrams
+        self.counters.set(HOLDING, holding(self.number, self.held))
 
     def log_invalid(self, counters: dict[str, int], raw: RawBatch) -> None:
         reasons = {k: v for k, v in counters.items() if k.startswith("invalid.")}
@@ -100,9 +131,6 @@ class Worker:
             )
 
     def report_counters(self) -> None:
-        delta = self.counters.take_delta()
-        if delta:
-            report(self.channels, self.name, "counters", delta)
         if self.pipeline.event_counts is not None and (counts := self.pipeline.event_counts.take()):
             report(self.channels, self.name, "event_counts", counts)
 

@@ -2,13 +2,18 @@
 sees it, and each destination acknowledges what it delivered (SPEC 4, issue 5).
 
 A directory of append-only segment files holds records `[u32 length][u32 crc32][u64 seq]
-[u32 events][payload]`; `cursors.json` holds, per destination, the first sequence number
-not yet acknowledged, rewritten (write + rename) on every acknowledgement that moves it.
-A segment is deleted once every destination has acknowledged all of it.
+[u32 events][payload]`. Each destination has a cursor, the first sequence number it has
+not acknowledged; `ack` moves it over contiguous acknowledged records and says what it
+passed, so the writer counts an event as written exactly when its record falls behind the
+cursor, together with the cursor, in one commit of its shared counter block. A segment is
+deleted once every destination has acknowledged all of it.
 
-So a writer killed at any instant loses nothing that reached the spool: its successor
-replays each destination from its cursor. What was in flight at the kill is delivered
-again (InfluxDB overwrites the identical point; MQTT QoS 1 is at-least-once anyway).
+`cursors.json` keeps the cursors on disk for the next start of the service; it is
+rewritten (write + rename) by `sync()`, on the fsync timer, and at close; with the
+`always` policy on every move. A writer killed and restarted within a run takes the
+cursors from its counter block (exact); after a kill of the whole service, from the file,
+so that up to one fsync interval is delivered again: InfluxDB overwrites the identical
+point, MQTT QoS 1 is at-least-once anyway.
 When the spool outgrows `max_bytes`, the oldest records not yet handed to a destination
 are dropped and counted per destination, so memory and disk both stay bounded.
 """
@@ -36,6 +41,15 @@ FsyncPolicy = Literal["never", "interval", "always"]
 
 
 @dataclass(slots=True)
+class Passed:
+    """What one acknowledgement moved a cursor over."""
+
+    written: int
+    failed: int
+    cursor: int
+
+
+@dataclass(slots=True)
 class Location:
     segment: int  # first seq of the segment file
     offset: int
@@ -50,6 +64,7 @@ class Spool:
         max_bytes: int = 1 << 30,
         segment_bytes: int = 64 << 20,
         fsync: FsyncPolicy = "interval",
+        known_cursors: dict[str, int] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -61,12 +76,15 @@ class Spool:
         self.index: dict[int, Location] = {}
         self.segments: dict[int, int] = {}  # first seq -> size in bytes
         self.next_seq = 0
-        self._acked: dict[str, set[int]] = {d: set() for d in destinations}
+        self._acked: dict[str, dict[int, tuple[int, int]]] = {d: {} for d in destinations}
         self._out: BinaryIO | None = None
         self._out_segment = -1
         self._dirty = False
+        self._cursors_dirty = False
         self._recover()
         saved = self._read_cursors()
+        for destination, cursor in (known_cursors or {}).items():
+            saved[destination] = max(cursor, saved.get(destination, 0))
         # A destination new to this spool starts at its end: no backlog from before it existed.
         self.cursors = {
             d: max(saved.get(d, self.next_seq), self._first_seq()) for d in destinations
@@ -101,10 +119,13 @@ class Spool:
         return self._out
 
     def sync(self) -> None:
-        """fsync what was appended (the 'interval' policy calls this on a timer)."""
+        """fsync what was appended and save the cursors (called on a timer)."""
         if self._out is not None and self._dirty:
-            os.fsync(self._out.fileno())
+            if self.fsync != "never":
+                os.fsync(self._out.fileno())
             self._dirty = False
+        if self._cursors_dirty:
+            self._write_cursors()
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -127,20 +148,34 @@ class Spool:
 
     # -- acknowledging and bounding ---------------------------------------------------------
 
-    def ack(self, destination: str, seq: int) -> None:
+    def ack(self, destination: str, seq: int, written: int, failed: int) -> Passed | None:
+        """Record that `destination` delivered record `seq` (`written` events, `failed`
+        rejected). Returns what the cursor passed because of it, None if it did not move;
+        an `seq` behind the cursor (given up on when the spool was full) is ignored."""
         cursor = self.cursors[destination]
         if seq < cursor:
-            return  # already given up on (spool full) or acknowledged before a restart
+            return None
         acked = self._acked[destination]
-        acked.add(seq)
+        acked[seq] = (written, failed)
         if seq != cursor:
-            return
+            return None
+        passed = Passed(0, 0, cursor)
         while cursor in acked:
-            acked.discard(cursor)
+            done, rejected = acked.pop(cursor)
+            passed.written += done
+            passed.failed += rejected
             cursor += 1
+        passed.cursor = cursor
         self.cursors[destination] = cursor
-        self._write_cursors()
+        self._cursors_moved()
         self._collect()
+        return passed
+
+    def _cursors_moved(self) -> None:
+        if self.fsync == "always":
+            self._write_cursors()
+        else:
+            self._cursors_dirty = True
 
     def size_bytes(self) -> int:
         return sum(self.segments.values())
@@ -166,8 +201,10 @@ class Spool:
         for destination in self.destinations:
             if self.cursors[destination] < following:
                 self.cursors[destination] = following
-                self._acked[destination] = {s for s in self._acked[destination] if s >= following}
-        self._write_cursors()
+                self._acked[destination] = {
+                    s: v for s, v in self._acked[destination].items() if s >= following
+                }
+        self._cursors_moved()
         self._delete_segment(first, following)
         return lost
 
@@ -209,6 +246,7 @@ class Spool:
         return min(self.segments, default=self.next_seq)
 
     def _write_cursors(self) -> None:
+        self._cursors_dirty = False
         temporary = self.directory / (CURSORS + ".tmp")
         temporary.write_text(json.dumps(self.cursors), encoding="utf-8")
         os.replace(temporary, self.directory / CURSORS)

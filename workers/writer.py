@@ -5,6 +5,13 @@ spool first (workers/spool.py), then every destination is fed from there at its 
 (workers/feeds.py): a destination that is down holds back nobody, its backlog waits on
 disk (bounded; past the bound the oldest is dropped and counted), and a writer killed at
 any moment is replayed from the spool by its successor (SPEC 4, issue 5).
+
+Counting is exact across a SIGKILL of the writer or of a worker. The writer peeks at each
+batch, spools it, counts its events / invalid / excluded and records the worker's send
+number in one commit of its shared counter block, and only then takes the batch off the
+channel: a successor peeks the same batch again and knows from the send numbers whether
+it was spooled and counted. A fence batch from the supervisor says what a dead worker
+held; what never arrived is counted `dropped.worker_crash`.
 """
 
 from __future__ import annotations
@@ -21,13 +28,13 @@ import uvloop
 
 from shared import exitcodes
 from shared.config import Config
-from shared.counters import Counters
+from shared.counters import Counting, SharedCounters
 from shared.delivery import make_tracker
 from shared.events import ENCODED_DECODER, EncodedBatch
 from shared.ipc import REPORT_INTERVAL, STOP, Channels, report, start_parent_watch
 from shared.logs import RateLimitedLog, setup_logging
 from shared.tasks import cancel_all, spawn
-from workers.feeds import BatchCache, Feed
+from workers.feeds import BatchCache, Feed, cursor_key
 from workers.sinks.base import DestinationUnreachable, Sink
 from workers.spool import Spool
 
@@ -35,11 +42,23 @@ log = logging.getLogger("senseflow.writer")
 
 NAME = "writer"
 DRAIN_TIMEOUT = 60.0
+SPOOLED = "_spooled"
+"""The first spool sequence number whose record this run has not counted yet."""
 
 
-def run(config: Config, channels: Channels, parent_pid: int) -> int:
+def seen_key(worker: int) -> str:
+    """One past the last send number taken from this worker slot."""
+    return f"_seen.{worker}"
+
+
+def seen_datagrams_key(worker: int) -> str:
+    """Datagrams in that last send."""
+    return f"_seen_datagrams.{worker}"
+
+
+def run(config: Config, channels: Channels, parent_pid: int, block: object) -> int:
     setup_logging(config.pipeline.log_level, config.pipeline.log_format, NAME)
-    writer = Writer(config, channels)
+    writer = Writer(config, channels, SharedCounters(block))
     start_parent_watch(parent_pid, writer.orphaned)
     return uvloop.run(writer.serve())
 
@@ -57,7 +76,9 @@ def destination_names(config: Config) -> list[str]:
 
 
 def make_sinks(
-    config: Config, counters: Counters, on_delivered: Callable[[str, list[int]], None] | None = None
+    config: Config,
+    counters: Counting,
+    on_delivered: Callable[[str, list[int]], None] | None = None,
 ) -> list[Sink]:
     from workers.sinks.influx import InfluxSink
     from workers.sinks.mqtt import MqttSink
@@ -72,10 +93,10 @@ def make_sinks(
 
 
 class Writer:
-    def __init__(self, config: Config, channels: Channels) -> None:
+    def __init__(self, config: Config, channels: Channels, counters: SharedCounters) -> None:
         self.config = config
         self.channels = channels
-        self.counters = Counters()
+        self.counters = counters
         self.delivery = make_tracker(config, destination_names(config), self.counters)
         self.sinks = make_sinks(config, self.counters, self.delivery.delivered)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="writer-input")
@@ -102,6 +123,7 @@ class Writer:
         asyncio.get_running_loop().set_exception_handler(self.on_loop_error)
         if not self.open_spool():
             return exitcodes.BOOT_FAILURE
+        self.count_spool_at_start()
         if not await self.start_sinks():
             return exitcodes.DESTINATION_UNREACHABLE
         self.start_feeds()
@@ -129,12 +151,38 @@ class Writer:
                 options.max_bytes,
                 options.segment_bytes,
                 options.fsync,
+                self.known_cursors(),
             )
         except OSError as exc:
             report(self.channels, NAME, "fatal", f"cannot use the spool {options.directory}: {exc}")
             return False
         self.delivery.use_spool(self.spool)  # /healthz and /metrics: what the spool holds
         return True
+
+    def known_cursors(self) -> dict[str, int]:
+        """The cursors a predecessor in this run reached (more recent than the file's)."""
+        keys = {sink.name: cursor_key(sink.name) for sink in self.sinks}
+        counters = self.counters
+        return {name: counters.get(key) for name, key in keys.items() if counters.has(key)}
+
+    def count_spool_at_start(self) -> None:
+        """First writer of the run: what a previous run left is `recovered.<destination>`.
+        A restarted writer: count the record its predecessor spooled but did not count."""
+        assert self.spool is not None
+        spool = self.spool
+        if not self.counters.has(SPOOLED):
+            recovered = {
+                f"recovered.{name}": sum(spool.events_in(seq) for seq in spool.pending(name))
+                for name in spool.destinations
+            }
+            cursors = {cursor_key(name): spool.cursors[name] for name in spool.destinations}
+            self.counters.commit(recovered, {SPOOLED: spool.next_seq, **cursors})
+            return
+        for seq in range(self.counters.get(SPOOLED), spool.next_seq):
+            if seq in spool.index:
+                batch = ENCODED_DECODER.decode(spool.read(seq))
+                self.counters.commit(batch.counters, {SPOOLED: seq + 1, **self.seen(batch)})
+                log.info("counted batch %d, spooled by the writer before a restart", seq)
 
     def start_feeds(self) -> None:
         assert self.spool is not None
@@ -145,8 +193,9 @@ class Writer:
             self.feed_tasks.append(spawn(feed.run(), name=f"writer.feed.{feed.name}"))
 
     async def sync_loop(self) -> None:
+        """fsync (policy `interval`) and save the cursors to disk, on the fsync timer."""
         options = self.config.pipeline.spool
-        if options.fsync != "interval" or self.spool is None:
+        if self.spool is None:
             return
         while True:
             await asyncio.sleep(options.fsync_interval / 1000)
@@ -172,22 +221,66 @@ class Writer:
 
     async def consume(self) -> None:
         loop = asyncio.get_running_loop()
+        channel = self.channels.encoded
         while not self.orphan and self.failure is None:
-            item = await loop.run_in_executor(self.executor, self.channels.encoded.receive, 0.2)
+            item = await loop.run_in_executor(self.executor, channel.peek, 0.2)
             if item is None:
                 continue
+            if item != STOP:
+                self.take(item)
+            channel.discard_next()  # only now: spooled and counted
             if item == STOP:
                 return
-            batch = ENCODED_DECODER.decode(item)
-            self.delivery.accept(len(batch.received_ns))
-            self.spool_batch(item, batch)
 
-    def spool_batch(self, item: bytes, batch: EncodedBatch) -> None:
+    def take(self, item: bytes) -> None:
+        batch = ENCODED_DECODER.decode(item)
+        if batch.fence:
+            self.settle_fence(batch)
+            return
+        if batch.worker >= 0 and self.counters.get(seen_key(batch.worker)) > batch.number:
+            return  # spooled and counted before a restart of this writer
+        sets = self.seen(batch)
+        if batch.received_ns:
+            self.delivery.accept(len(batch.received_ns))
+            seq = self.spool_batch(item, batch)
+            sets[SPOOLED] = seq + 1
+        self.counters.commit(batch.counters, sets)
+        self.enforce_spool_limit()
+
+    @staticmethod
+    def seen(batch: EncodedBatch) -> dict[str, int]:
+        if batch.worker < 0:
+            return {}
+        return {
+            seen_key(batch.worker): batch.number + 1,
+            seen_datagrams_key(batch.worker): batch.datagrams,
+        }
+
+    def settle_fence(self, fence: EncodedBatch) -> None:
+        """Worker `fence.worker` died holding `fence.datagrams` datagrams from its send
+        `fence.number` on: whatever of them did not reach us is lost."""
+        worker, number = fence.worker, fence.number
+        lost = fence.datagrams
+        if self.counters.get(seen_key(worker)) > number:  # its send `number` did arrive
+            lost -= self.counters.get(seen_datagrams_key(worker))
+        lost = max(lost, 0)
+        self.counters.commit(
+            {"dropped.worker_crash": lost},
+            {seen_key(worker): number + 1, seen_datagrams_key(worker): fence.datagrams},
+        )
+        if lost:
+            log.error("worker-%d died holding %d datagram(s); counted as lost", worker, lost)
+
+    def spool_batch(self, item: bytes, batch: EncodedBatch) -> int:
         assert self.spool is not None
         seq = self.spool.append(item, len(batch.received_ns))
         self.cache.put(seq, batch)
         for feed in self.feeds:
             feed.wake.set()
+        return seq
+
+    def enforce_spool_limit(self) -> None:
+        assert self.spool is not None
         while self.spool.over_limit():
             lost = self.spool.drop_oldest_segment()
             if not lost:
@@ -242,8 +335,6 @@ class Writer:
             self.report_counters()
 
     def report_counters(self) -> None:
-        delta = self.counters.take_delta()
-        if delta:
-            report(self.channels, NAME, "counters", delta)
-        # Latency / batch histogram deltas and who waits: aggregated here, never per event.
+        # Counters live in the shared block. Latency / batch histogram deltas and who
+        # waits: aggregated here, never per event.
         report(self.channels, NAME, "delivery", self.delivery.take_report())

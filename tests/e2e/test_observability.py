@@ -65,8 +65,14 @@ def test_metrics_count_exactly_what_was_sent(start_service: StartService) -> Non
             value(samples, "senseflow_events_written_total", destination=d)
             for d in ("influxdb", "mqtt")
         ]
-        parsed = value(samples, "senseflow_events_parsed_total")  # workers report apart
-        return samples if written == [events, events] and parsed == events else None
+        parsed = value(samples, "senseflow_events_parsed_total")
+        # Latency histograms arrive in the writer's reports (every 0.5 s), after the counts.
+        timed = [
+            value(samples, "senseflow_delivery_latency_seconds_count", destination=d)
+            for d in ("influxdb", "mqtt")
+        ]
+        done = written == [events, events] == timed and parsed == events
+        return samples if done else None
 
     samples = wait_for(delivered, 30, "every event parsed and written to both destinations")
     assert value(samples, "senseflow_datagrams_received_total") == len(datagrams)

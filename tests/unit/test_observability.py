@@ -80,21 +80,19 @@ def test_quantile_interpolates_and_is_capped_by_the_maximum() -> None:
 
 def test_tracker_reports_waiting_only_while_nothing_is_acknowledged() -> None:
     clock, counters = FakeClock(), Counters()
-    tracker = DeliveryTracker(
-        ["influxdb", "newrelic"], counters, clock, lambda: NOW, copies={"newrelic": 2}
-    )
+    tracker = DeliveryTracker(["influxdb", "newrelic"], counters, clock, lambda: NOW)
     assert tracker.status("influxdb") == (0, 0.0)
     tracker.accept(10)
     clock.now += 5
     assert tracker.status("influxdb") == (10, 5.0)
-    assert tracker.status("newrelic") == (20, 5.0)  # two accounts, each gets every event
+    assert tracker.status("newrelic") == (10, 5.0)  # once, whatever the number of accounts
     counters.add("written.influxdb", 4)
     clock.now += 1
     assert tracker.status("influxdb") == (6, 0.0)  # progress resets the clock
     clock.now += 3
     assert tracker.status("influxdb") == (6, 3.0)
     counters.add("failed.influxdb", 6)
-    counters.add("written.newrelic", 20)
+    counters.add("written.newrelic", 10)
     assert tracker.status("influxdb") == (0, 0.0)
     assert tracker.status("newrelic") == (0, 0.0)
 
@@ -173,11 +171,11 @@ def test_stats_fields_take_butler_sos_types_per_influxdb_version() -> None:
 def test_backpressure_follows_butler_sos_hysteresis() -> None:
     supervisor = SimpleNamespace(config=Config())
     metrics = QueueMetrics(supervisor)  # threshold 80 (messageQueue.backpressureThreshold)
-    assert not metrics.backpressure_now(79.0, 0)
-    assert metrics.backpressure_now(80.0, 0)
-    assert metrics.backpressure_now(65.0, 0)  # stays on down to 80 % of the threshold
-    assert not metrics.backpressure_now(63.9, 0)
-    assert metrics.backpressure_now(0.0, 1)  # a queue-full drop is backpressure
+    assert not metrics.backpressure.update(79.0, 0)
+    assert metrics.backpressure.update(80.0, 0)
+    assert metrics.backpressure.update(65.0, 0)  # stays on down to 80 % of the threshold
+    assert not metrics.backpressure.update(63.9, 0)
+    assert metrics.backpressure.update(0.0, 1)  # a queue-full drop is backpressure
 
 
 # -- Prometheus ----------------------------------------------------------------------------
@@ -255,3 +253,17 @@ def test_invalid_sample_shows_the_reason_and_a_truncated_datagram() -> None:
     text = str(InvalidSample(raw))
     assert text.startswith("unknown_source: b'/nope/;xxx")
     assert text.endswith(f"... ({len(long) - SAMPLE_BYTES} more bytes)")
+
+
+def test_message_queue_max_size_is_the_fewest_datagrams_the_raw_queue_holds() -> None:
+    from receiver.supervisor import MIN_CHANNEL_BYTES, RAW_BYTES_PER_DATAGRAM, raw_channel_bytes
+    from shared.config import config_from_document
+
+    def sized(max_size: int, **own: int) -> int:
+        queue = {"udpServerConfig": {"messageQueue": {"maxSize": max_size}}}
+        document = {"Butler-SOS": {"userEvents": queue}, "senseflow": own}
+        return raw_channel_bytes(config_from_document(document, {}))
+
+    assert sized(200) == 64 * 500 * RAW_BYTES_PER_DATAGRAM  # queueSize x readerBatchSize wins
+    assert sized(100_000) == 100_000 * RAW_BYTES_PER_DATAGRAM  # maxSize wins
+    assert sized(10, queueSize=1, readerBatchSize=10) == MIN_CHANNEL_BYTES

@@ -32,10 +32,10 @@ def test_records_read_back_exactly(tmp_path: Path) -> None:
 def test_cursor_moves_only_over_contiguous_acks(tmp_path: Path) -> None:
     spool = Spool(tmp_path, DESTINATIONS)
     fill(spool, 5)
-    spool.ack("mqtt", 2)
-    spool.ack("mqtt", 0)
+    spool.ack("mqtt", 2, 3, 0)
+    spool.ack("mqtt", 0, 3, 0)
     assert spool.cursors["mqtt"] == 1
-    spool.ack("mqtt", 1)
+    spool.ack("mqtt", 1, 3, 0)
     assert spool.cursors["mqtt"] == 3
     assert spool.cursors["influxdb"] == 0
     spool.close()
@@ -46,10 +46,10 @@ def test_segments_deleted_once_every_destination_acked(tmp_path: Path) -> None:
     fill(spool, 20)
     before = len(list(tmp_path.glob("segment-*.log")))
     for seq in range(20):
-        spool.ack("influxdb", seq)
+        spool.ack("influxdb", seq, 3, 0)
     assert len(list(tmp_path.glob("segment-*.log"))) == before  # mqtt still needs them
     for seq in range(20):
-        spool.ack("mqtt", seq)
+        spool.ack("mqtt", seq, 3, 0)
     assert len(list(tmp_path.glob("segment-*.log"))) == 1  # the one being written stays
     spool.close()
 
@@ -58,18 +58,48 @@ def test_restart_replays_what_was_not_acknowledged(tmp_path: Path) -> None:
     spool = Spool(tmp_path, DESTINATIONS, segment_bytes=700)
     payloads = fill(spool, 12)
     for seq in range(5):
-        spool.ack("influxdb", seq)
+        spool.ack("influxdb", seq, 3, 0)
+    spool.sync()  # the fsync timer saves the cursors
+    spool.ack("influxdb", 5, 3, 0)  # moved after the last sync: not on disk
     assert spool._out is not None
     spool._out.close()  # no close(): as after SIGKILL, only what already reached the kernel
     spool._lock.close()  # the kernel releases the lock of a killed process
 
     again = Spool(tmp_path, [*DESTINATIONS, "newrelic"], segment_bytes=700)
-    assert list(again.pending("influxdb")) == list(range(5, 12))
+    assert list(again.pending("influxdb")) == list(range(5, 12))  # 5 is sent again
     assert list(again.pending("mqtt")) == list(range(12))
     assert list(again.pending("newrelic")) == []  # new destination: no old backlog
     assert [again.read(s) for s in again.pending("mqtt")] == payloads
     assert again.append(b"next", 1) == 12
     again.close()
+
+
+def test_cursors_known_from_the_writers_counter_block_win_over_the_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, DESTINATIONS)
+    fill(spool, 10)
+    for seq in range(7):
+        spool.ack("mqtt", seq, 3, 0)
+    spool.sync()
+    assert spool._out is not None
+    spool._out.close()
+    spool._lock.close()  # killed: the file says mqtt 7, influxdb 0
+
+    again = Spool(tmp_path, DESTINATIONS, known_cursors={"influxdb": 4, "mqtt": 2})
+    assert again.cursors == {"influxdb": 4, "mqtt": 7}  # the furthest of the two
+    assert list(again.pending("influxdb")) == list(range(4, 10))
+    again.close()
+
+
+def test_ack_says_what_the_cursor_passed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, DESTINATIONS)
+    fill(spool, 4)
+    assert spool.ack("mqtt", 1, 3, 0) is None  # ahead of the cursor: remembered only
+    assert spool.ack("mqtt", 2, 1, 2) is None
+    passed = spool.ack("mqtt", 0, 2, 1)
+    assert passed is not None
+    assert (passed.written, passed.failed, passed.cursor) == (6, 3, 3)
+    assert spool.ack("mqtt", 0, 3, 0) is None  # behind the cursor: already counted
+    spool.close()
 
 
 def test_torn_record_at_the_end_is_cut_off(tmp_path: Path) -> None:
@@ -90,12 +120,12 @@ def test_drop_oldest_segment_reports_unacknowledged(tmp_path: Path) -> None:
     spool = Spool(tmp_path, DESTINATIONS, max_bytes=1500, segment_bytes=500)
     fill(spool, 20)
     assert spool.over_limit()
-    spool.ack("influxdb", 0)
+    spool.ack("influxdb", 0, 3, 0)
     lost = spool.drop_oldest_segment()
     assert lost["influxdb"] == {1: 3, 2: 3, 3: 3}
     assert lost["mqtt"] == {0: 3, 1: 3, 2: 3, 3: 3}
     assert spool.cursors == {"influxdb": 4, "mqtt": 4}
-    spool.ack("mqtt", 2)  # an ack for a record given up on is ignored
+    spool.ack("mqtt", 2, 3, 0)  # an ack for a record given up on is ignored
     assert spool.cursors["mqtt"] == 4
     while spool.over_limit():
         assert spool.drop_oldest_segment()
@@ -112,12 +142,18 @@ def test_cursor_is_first_unacknowledged_whatever_the_order(acks: list[tuple[str,
         spool = Spool(directory, DESTINATIONS, segment_bytes=400)
         fill(spool, 30, size=20)
         done: dict[str, set[int]] = {d: set() for d in DESTINATIONS}
+        written: dict[str, int] = dict.fromkeys(DESTINATIONS, 0)
         for destination, seq in acks:
-            spool.ack(destination, seq)
+            passed = spool.ack(destination, seq, 2, 1)
+            if passed is not None:
+                written[destination] += passed.written
+                assert passed.cursor == spool.cursors[destination]
+                assert passed.written == 2 * passed.failed
             done[destination].add(seq)
         for destination in DESTINATIONS:
             expected = next(i for i in range(31) if i not in done[destination])
             assert spool.cursors[destination] == expected
+            assert written[destination] == 2 * expected  # counted once, as the cursor passed
             assert list(spool.pending(destination)) == list(range(expected, 30))
         spool.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from shared.counters import Counting
 from shared.events import EncodedBatch
 
 
@@ -12,12 +13,36 @@ class DestinationUnreachable(Exception):
     """A destination could not be reached at start."""
 
 
-Acknowledge = Callable[[list[int]], None]
-"""Told the spool sequence numbers of batches a destination has delivered completely."""
+Ack = tuple[int, int, int]
+"""(spool sequence number, events written, events failed) of a batch delivered completely."""
+
+Acknowledge = Callable[[list[Ack]], None]
+"""Told the batches a destination has finished with; the writer's feed counts them."""
 
 
-def ignore_acks(seqs: list[int]) -> None:
-    """The acknowledgement callback of a sink used without a spool."""
+def counting_acks(counters: Counting, name: str) -> Acknowledge:
+    """The acknowledgement callback of a sink used without a spool: count right away."""
+
+    def acknowledge(acks: list[Ack]) -> None:
+        written = sum(ack[1] for ack in acks)
+        failed = sum(ack[2] for ack in acks)
+        if written:
+            counters.add(f"written.{name}", written)
+        if failed:
+            counters.add(f"failed.{name}", failed)
+
+    return acknowledge
+
+
+def share_failures(seqs: list[int], events: list[int], failed: int) -> list[Ack]:
+    """Acks for batches delivered together, `failed` of their events rejected: failures
+    are attributed to the first batches, so that each batch's written + failed is exact."""
+    acks = []
+    for seq, count in zip(seqs, events, strict=True):
+        rejected = min(failed, count)
+        failed -= rejected
+        acks.append((seq, count - rejected, rejected))
+    return acks
 
 
 class Sink(Protocol):
@@ -30,8 +55,9 @@ class Sink(Protocol):
     async def write_batch(self, batch: EncodedBatch, seq: int = -1) -> None:
         """Take a batch; waits (backpressure) only while the sink's own bound is reached.
 
-        Once every event of the batch is delivered (or counted failed), `on_ack([seq])` is
-        called; acknowledgements come in any order."""
+        Once every event of the batch is delivered or rejected, `on_ack([(seq, written,
+        failed)])` is called; acknowledgements come in any order. The sink counts its
+        retries; written and failed events are counted by whoever receives the acks."""
 
     async def flush(self) -> None:
         """Send everything taken so far and wait until it is acknowledged."""

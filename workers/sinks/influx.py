@@ -22,10 +22,10 @@ import aiohttp
 
 from shared.backoff import Backoff
 from shared.config import Config, InfluxdbConfig
-from shared.counters import Counters
+from shared.counters import Counting
 from shared.events import EncodedBatch
 from shared.tasks import cancel_all, spawn
-from workers.sinks.base import Acknowledge, DestinationUnreachable, ignore_acks
+from workers.sinks.base import Acknowledge, DestinationUnreachable, counting_acks, share_failures
 
 log = logging.getLogger("senseflow.influxdb")
 
@@ -50,6 +50,7 @@ class Chunk:
     lines: list[bytes] = field(default_factory=list)
     received_ns: list[int] = field(default_factory=list)
     seqs: list[int] = field(default_factory=list)
+    seq_events: list[int] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -214,7 +215,7 @@ class InfluxSink:
     def __init__(
         self,
         config: Config,
-        counters: Counters,
+        counters: Counting,
         on_delivered: Callable[[str, list[int]], None] | None = None,
     ) -> None:
         cfg = config.butler.influxdb_config
@@ -225,7 +226,7 @@ class InfluxSink:
         )
         self.counters = counters
         self.on_delivered = on_delivered
-        self.on_ack: Acknowledge = ignore_acks
+        self.on_ack: Acknowledge = counting_acks(counters, NAME)
         self.batch_size = pipe.batch_size
         self.flush_interval = pipe.flush_interval / 1000
         self.max_pending = max(pipe.pending_events, self.batch_size * 2)
@@ -247,7 +248,7 @@ class InfluxSink:
 
     async def write_batch(self, batch: EncodedBatch, seq: int = -1) -> None:
         if not batch.received_ns:
-            self.on_ack([seq])
+            self.on_ack([(seq, 0, 0)])
             return
         while self.pending >= self.max_pending:
             self.room.clear()
@@ -255,6 +256,7 @@ class InfluxSink:
         self.current.lines.append(batch.lines)
         self.current.received_ns.extend(batch.received_ns)
         self.current.seqs.append(seq)
+        self.current.seq_events.append(len(batch.received_ns))
         self.pending += len(batch.received_ns)
         if self.current.count >= self.batch_size:
             self._cut()
@@ -279,14 +281,15 @@ class InfluxSink:
                 continue
             self.idle.clear()
             chunk = self.ready[0]
-            await self._deliver(chunk.lines, chunk.received_ns)
+            failed = await self._deliver(chunk.lines, chunk.received_ns)
             self.ready.popleft()
             self.pending -= chunk.count
             self.room.set()
-            self.on_ack(chunk.seqs)
+            self.on_ack(share_failures(chunk.seqs, chunk.seq_events, failed))
 
-    async def _deliver(self, lines: list[bytes], received_ns: list[int]) -> None:
-        """Write until acknowledged; a rejected batch is split to isolate its bad lines."""
+    async def _deliver(self, lines: list[bytes], received_ns: list[int]) -> int:
+        """Write until acknowledged; a rejected batch is split to isolate its bad lines.
+        Returns how many lines InfluxDB rejected."""
         body = b"".join(lines)
         while True:
             try:
@@ -298,25 +301,24 @@ class InfluxSink:
                 await asyncio.sleep(delay)
                 continue
             except WriteRejected as exc:
-                await self._isolate(body, exc)
-                return
+                return await self._isolate(body, exc)
             self.backoff.reset()
             self._delivered(received_ns)
-            return
+            return 0
 
-    async def _isolate(self, body: bytes, rejection: WriteRejected) -> None:
+    async def _isolate(self, body: bytes, rejection: WriteRejected) -> int:
         lines = body.splitlines(keepends=True)
         if len(lines) == 1:
-            self.counters.add("failed.influxdb")
             log.warning("InfluxDB rejected a line (%s): %.300r", rejection, lines[0])
-            return
+            return 1
         middle = len(lines) // 2
+        failed = 0
         for half in (lines[:middle], lines[middle:]):
             # Timestamps are not needed to split; latency is not measured for split batches.
-            await self._deliver(half, [0] * len(half))
+            failed += await self._deliver(half, [0] * len(half))
+        return failed
 
     def _delivered(self, received_ns: list[int]) -> None:
-        self.counters.add("written.influxdb", len(received_ns))
         if self.on_delivered is not None and received_ns and received_ns[0]:
             self.on_delivered(NAME, received_ns)
 

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 from shared.backoff import Backoff
 from shared.config import Config
-from shared.counters import Counters
+from shared.counters import Counting
 from shared.events import ACTIONS, EncodedBatch
 from shared.tasks import cancel_all, spawn
 from workers.sinks import mqtt_protocol as proto
-from workers.sinks.base import Acknowledge, DestinationUnreachable, ignore_acks
+from workers.sinks.base import Acknowledge, DestinationUnreachable, counting_acks
 
 log = logging.getLogger("senseflow.mqtt")
 
@@ -88,14 +88,14 @@ class MqttSink:
     def __init__(
         self,
         config: Config,
-        counters: Counters,
+        counters: Counting,
         on_delivered: Callable[[str, list[int]], None] | None = None,
     ) -> None:
         self.broker = config.butler.mqtt_config
         self.options = config.pipeline.mqtt
         self.counters = counters
         self.on_delivered = on_delivered
-        self.on_ack: Acknowledge = ignore_acks
+        self.on_ack: Acknowledge = counting_acks(counters, NAME)
         self.everything, self.per_action = topic_headers(config)
         self.qos = self.options.qos
         self.window = min(self.options.max_inflight, MAX_PACKET_ID - 1)
@@ -255,11 +255,9 @@ class MqttSink:
         if not messages:
             # Every topic of these events is disabled: done, and counted as the events of a
             # batch with something to publish are (else written.mqtt depends on batching).
-            if batch.mqtt_payloads:
-                self.counters.add("written.mqtt", len(batch.mqtt_payloads))
-                if self.on_delivered is not None:
-                    self.on_delivered(NAME, batch.received_ns)
-            self.on_ack([seq])
+            if batch.mqtt_payloads and self.on_delivered is not None:
+                self.on_delivered(NAME, batch.received_ns)
+            self.on_ack([(seq, len(batch.mqtt_payloads), 0)])
             return
         while self.outstanding >= self.max_pending:
             self.room.clear()
@@ -326,10 +324,9 @@ class MqttSink:
         self.outstanding -= 1
         if state.remaining == 0:
             del self.batches[message.batch]
-            self.counters.add("written.mqtt", state.events)
             if self.on_delivered is not None:
                 self.on_delivered(NAME, state.received_ns)
-            self.on_ack([state.seq])
+            self.on_ack([(state.seq, state.events, 0)])
         self.room.set()
         if not self.outstanding:
             self.idle.set()

@@ -14,9 +14,10 @@ a JSON array (`[a,b,c]`, never parsed again), gzipped, and POSTed to
   nothing is dropped. Other 4xx answers cannot succeed by retrying: their events are
   counted as failed and a sample is logged.
 - Pending events are bounded per account by `pendingEvents`; the writer waits at the bound.
-- Counters: `written.newrelic` and `failed.newrelic` are summed over accounts (an event sent
-  to two accounts counts twice, once per delivery); `newrelic.written.<account>` and
-  `newrelic.failed.<account>` per account; `retries.newrelic`; `newrelic.splits`.
+- Counters: each event counts once for the destination (SPEC 4): `failed.newrelic` if any
+  account rejected it, else `written.newrelic` once every account has it;
+  `newrelic.written.<account>` and `newrelic.failed.<account>` per account;
+  `retries.newrelic`; `newrelic.splits`.
 - API keys and custom headers are never logged; answers are redacted before logging.
 """
 
@@ -36,11 +37,11 @@ import aiohttp
 
 from shared.backoff import Backoff
 from shared.config import Config, redact
-from shared.counters import Counters
+from shared.counters import Counting
 from shared.events import EncodedBatch
 from shared.logs import RateLimitedLog
 from shared.tasks import cancel_all, spawn
-from workers.sinks.base import Acknowledge, DestinationUnreachable, ignore_acks
+from workers.sinks.base import Acknowledge, DestinationUnreachable, counting_acks
 
 log = logging.getLogger("senseflow.newrelic")
 
@@ -63,8 +64,8 @@ class Chunk:
     events: list[bytes] = field(default_factory=list)
     received_ns: list[int] = field(default_factory=list)
     size: int = 0
-    seqs: list[int] = field(default_factory=list)
-    """Batches whose last event is in this chunk: complete once it is delivered."""
+    batches: list[int] = field(default_factory=list)
+    """Keys of the batches whose last event is in this chunk: complete once it is delivered."""
 
     @property
     def count(self) -> int:
@@ -72,6 +73,16 @@ class Chunk:
 
     def has_room(self, events: int, size: int) -> bool:
         return self.count + events <= MAX_EVENTS and self.size + size <= MAX_RAW_BYTES
+
+
+@dataclass(slots=True)
+class Awaiting:
+    """A batch some account has not finished yet; `failed`: the most any account rejected."""
+
+    seq: int
+    accounts: int
+    events: int
+    failed: int = 0
 
 
 @dataclass(slots=True)
@@ -92,10 +103,11 @@ class Account:
         self.ready: deque[Chunk] = deque()
         self.pending = 0
         self.backoff = Backoff(base=0.1, cap=30.0)
+        self.failed_open = 0  # rejected events of batches whose last chunk is still to come
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
 
-    def add(self, events: list[bytes], received_ns: list[int], seq: int = -1) -> None:
+    def add(self, events: list[bytes], received_ns: list[int], key: int) -> None:
         size = sum(map(len, events))
         if self.current.has_room(len(events), size):
             self.current.events.extend(events)
@@ -109,7 +121,7 @@ class Account:
                 self.current.received_ns.append(ns)
                 self.current.size += len(event)
         self.pending += len(events)
-        self.current.seqs.append(seq)
+        self.current.batches.append(key)
         if not self.current.has_room(1, 0):
             self.cut()
 
@@ -177,15 +189,16 @@ class NewRelicSink:
     def __init__(
         self,
         config: Config,
-        counters: Counters,
+        counters: Counting,
         on_delivered: Callable[[str, list[int]], None] | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.config = config
         self.counters = counters
         self.on_delivered = on_delivered
-        self.on_ack: Acknowledge = ignore_acks
-        self.awaiting: dict[int, int] = {}  # seq -> accounts that have not delivered it yet
+        self.on_ack: Acknowledge = counting_acks(counters, NAME)
+        self.awaiting: dict[int, Awaiting] = {}  # batches some account has not finished
+        self.next_key = 0
         self.sleep = sleep
         self.base_url = config.butler.new_relic.event.url.rstrip("/")
         self.accounts = make_accounts(config)
@@ -230,26 +243,31 @@ class NewRelicSink:
     async def write_batch(self, batch: EncodedBatch, seq: int = -1) -> None:
         events = batch.newrelic
         if not events or not self.accounts:
-            self.on_ack([seq])
+            self.on_ack([(seq, 0, 0)])
             return
         while any(a.pending >= self.max_pending for a in self.accounts):
             self.room.clear()
             await self.room.wait()
-        if seq >= 0:
-            self.awaiting[seq] = len(self.accounts)
+        key = self.next_key
+        self.next_key += 1
+        self.awaiting[key] = Awaiting(seq, len(self.accounts), len(events))
         for account in self.accounts:
-            account.add(events, batch.received_ns, seq)
+            account.add(events, batch.received_ns, key)
 
-    def _chunk_done(self, chunk: Chunk) -> None:
-        """A batch is acknowledged once every account has delivered its last chunk."""
+    def _chunk_done(self, account: Account, chunk: Chunk, failed: int) -> None:
+        """A batch is done once every account has delivered its last chunk. An event
+        counts as failed if any account rejected it, else as written."""
+        account.failed_open += failed
         complete = []
-        for seq in chunk.seqs:
-            if seq not in self.awaiting:
-                continue  # not spooled (seq -1): nothing to acknowledge
-            self.awaiting[seq] -= 1
-            if not self.awaiting[seq]:
-                del self.awaiting[seq]
-                complete.append(seq)
+        for key in chunk.batches:
+            state = self.awaiting[key]
+            rejected = min(account.failed_open, state.events)
+            account.failed_open -= rejected
+            state.failed = max(state.failed, rejected)
+            state.accounts -= 1
+            if not state.accounts:
+                del self.awaiting[key]
+                complete.append((state.seq, state.events - state.failed, state.failed))
         if complete:
             self.on_ack(complete)
 
@@ -283,30 +301,30 @@ class NewRelicSink:
                 continue
             account.idle.clear()
             chunk = account.ready[0]
-            await self._deliver(account, chunk.events, chunk.received_ns)
+            failed = await self._deliver(account, chunk.events, chunk.received_ns)
             account.ready.popleft()
             account.pending -= chunk.count
             self.room.set()
-            self._chunk_done(chunk)
+            self._chunk_done(account, chunk, failed)
 
-    async def _deliver(self, account: Account, events: list[bytes], received_ns: list[int]) -> None:
-        """Send until the API takes it; too large is split, rejected is counted as failed."""
+    async def _deliver(self, account: Account, events: list[bytes], received_ns: list[int]) -> int:
+        """Send until the API takes it; too large is split, rejected is counted as failed.
+        Returns how many events the account rejected."""
         body = await asyncio.get_running_loop().run_in_executor(None, gzip_array, events)
         if len(body) > MAX_BODY_BYTES:
-            await self._split(account, events, received_ns, f"{len(body)} bytes gzipped")
-            return
+            return await self._split(account, events, received_ns, f"{len(body)} bytes gzipped")
         while True:
             answer = await self._post(account, body)
             if 200 <= answer.status < 300:
                 account.backoff.reset()
                 self._written(account, received_ns)
-                return
+                return 0
             if answer.status == 413:
-                await self._split(account, events, received_ns, f"HTTP 413 {answer.text[:200]}")
-                return
+                why = f"HTTP 413 {answer.text[:200]}"
+                return await self._split(account, events, received_ns, why)
             if answer.status and answer.status < 500 and answer.status not in RETRIED_STATUSES:
                 self._failed(account, events, f"HTTP {answer.status} {answer.text}")
-                return
+                return len(events)
             await self._wait_to_retry(account, answer)
 
     async def _post(self, account: Account, body: bytes) -> Answer:
@@ -337,23 +355,21 @@ class NewRelicSink:
 
     async def _split(
         self, account: Account, events: list[bytes], received_ns: list[int], why: str
-    ) -> None:
+    ) -> int:
         if len(events) == 1:
             self._failed(account, events, f"a single event is too large ({why})")
-            return
+            return 1
         self.counters.add("newrelic.splits")
         middle = len(events) // 2
-        await self._deliver(account, events[:middle], received_ns[:middle])
-        await self._deliver(account, events[middle:], received_ns[middle:])
+        failed = await self._deliver(account, events[:middle], received_ns[:middle])
+        return failed + await self._deliver(account, events[middle:], received_ns[middle:])
 
     def _written(self, account: Account, received_ns: list[int]) -> None:
-        self.counters.add("written.newrelic", len(received_ns))
         self.counters.add(f"newrelic.written.{account.name}", len(received_ns))
         if self.on_delivered is not None and received_ns:
             self.on_delivered(NAME, received_ns)
 
     def _failed(self, account: Account, events: list[bytes], reason: str) -> None:
-        self.counters.add("failed.newrelic", len(events))
         self.counters.add(f"newrelic.failed.{account.name}", len(events))
         self.rejected_log.warning(
             "New Relic account %r rejected %d event(s): %s; first event: %.300s",
