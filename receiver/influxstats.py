@@ -232,7 +232,12 @@ class QueueMetrics:
         elapsed, self.previous_time = max(now - self.previous_time, 1e-3), now
         raw = self.supervisor.channels.raw
         utilization = 100.0 * raw.pending_bytes() / raw.capacity
-        processed = totals.get("events", 0) + totals.get("excluded", 0) + total(totals, "invalid")
+        processed = (
+            totals.get("events", 0)
+            + totals.get("excluded", 0)
+            + total(totals, "invalid")
+            + totals.get("dropped.worker_crash", 0)
+        )
         _, statuses = self.supervisor.telemetry.snapshot()
         running = max((s.pending for s in statuses.values()), default=0)
         queue_full = delta.get("dropped.queue_full", 0)

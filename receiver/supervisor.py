@@ -277,7 +277,8 @@ class Supervisor:
                     )
                     return exitcodes.FAILURE
                 child.restart_at = now + delay
-            elif now >= child.restart_at:
+            elif now >= child.restart_at and not (self.fences and child in self.workers):
+                # a worker's successor starts only once the writer's channel has its fence
                 child.restart_at = 0.0
                 child.spawn(self.context)
         return None
@@ -304,14 +305,14 @@ class Supervisor:
     def settle_worker(self, child: Child) -> None:
         """A worker died: tell the writer what it held (a fence batch, after anything it
         sent), and let its successor number its sends past it."""
-        from workers.process import HOLDING, held, holding
+        from workers.process import HELD, NUMBER, holding
 
-        number, datagrams = held(child.counters.get(HOLDING))
+        number, datagrams = holding(child.counters)
         if datagrams:
             index = self.workers.index(child)
             fence = EncodedBatch(b"", [], b"", [], [], {}, index, number, datagrams, fence=True)
             self.fences.append(RAW_ENCODER.encode(fence))
-            child.counters.set(HOLDING, holding(number + 1, 0))
+            child.counters.commit({}, {NUMBER: number + 1, HELD: 0})
         self.send_fences()
 
     def send_fences(self, timeout: float = 0.0) -> None:
@@ -325,22 +326,36 @@ class Supervisor:
         self.channels.stop.set()
         if not self.wait_for(self.readers, deadline):
             return self.stop_now()
-        if not self.revive(self.workers, deadline):
+        if not self.finish(self.workers, self.channels.raw, deadline):
             return self.stop_now()
-        for _ in self.workers:
-            self.channels.raw.send(STOP)
-        if not self.wait_for(self.workers, deadline):
-            return self.stop_now()
-        self.reap_dead_workers()
-        if not self.revive([self.writer], deadline):
-            return self.stop_now()
-        self.send_fences(max(0.0, deadline - time.monotonic()))
-        self.channels.encoded.send(STOP)
-        if not self.wait_for([self.writer], deadline):
+        if not self.finish([self.writer], self.channels.encoded, deadline):
             return self.stop_now()
         self.read_reports(0.2)
         log.info("drained; exiting")
         return exitcodes.OK
+
+    def finish(self, group: list[Child], channel: MessageChannel, deadline: float) -> bool:
+        """Send each child of the group a STOP behind everything queued and wait for it to
+        exit; one that dies instead (its work still queued) is restarted and stopped again."""
+        stopping = group
+        while True:
+            if not self.revive(stopping, deadline):
+                return False
+            if group == [self.writer]:
+                self.send_fences(max(0.0, deadline - time.monotonic()))
+            for _ in stopping:
+                channel.send(STOP)
+            if not self.wait_for(group, deadline):
+                return False
+            stopping = [c for c in group if c.process is not None and c.process.exitcode != 0]
+            if not stopping:
+                return True
+            log.warning(
+                "%s died while draining; restarting to finish", ", ".join(c.name for c in stopping)
+            )
+            for child in stopping:
+                if child in self.workers:
+                    self.settle_worker(child)
 
     def revive(self, group: list[Child], deadline: float) -> bool:
         """Start now what is dead and waiting for its restart: a drain needs every worker
@@ -348,6 +363,10 @@ class Supervisor:
         dead = [child for child in group if not child.alive]
         if not dead:
             return True
+        for child in dead:
+            if child in self.workers:
+                self.settle_worker(child)  # idempotent: a settled worker holds nothing
+        self.send_fences(max(0.0, deadline - time.monotonic()))
         for child in dead:
             child.restart_at = 0.0
             child.spawn(self.context)
@@ -357,12 +376,6 @@ class Supervisor:
                 log.error("cannot restart %s to drain", ", ".join(c.name for c in dead))
                 return False
         return True
-
-    def reap_dead_workers(self) -> None:
-        """Workers that died while draining: their fences go before the writer's STOP."""
-        for child in self.workers:
-            if child.process is not None and child.process.exitcode not in (None, 0):
-                self.settle_worker(child)
 
     def wait_for(self, group: list[Child], deadline: float) -> bool:
         while any(child.alive for child in group):

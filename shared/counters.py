@@ -194,7 +194,9 @@ class SharedCounters:
         if name in self._index:
             return self._index[name]
         words = self._words
-        count, used = int(words[_COUNT]), int(words[_NAMES_USED])
+        count = int(words[_COUNT])
+        # From the names themselves: a name half registered by a killed owner is overwritten.
+        used = sum(len(known.encode()) + 1 for known in self._names(count))
         encoded = name.encode() + b"\0"
         if count >= BLOCK_SLOTS or used + len(encoded) > _NAME_BYTES:
             raise RuntimeError(f"counter block full: cannot add {name!r}")

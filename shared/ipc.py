@@ -102,6 +102,10 @@ class MessageChannel:
         """Drop the message `peek` returned (a one-byte read discards the rest of a datagram)."""
         self._recv.recv(1, socket.MSG_DONTWAIT)
 
+    def close(self) -> None:
+        self._send.close()
+        self._recv.close()
+
     def pending_bytes(self) -> int:
         """Bytes queued and not yet received (Linux SIOCOUTQ on the sending socket)."""
         import fcntl

@@ -20,7 +20,7 @@ import logging
 from shared.counters import SharedCounters
 from shared.events import ENCODED_DECODER, EncodedBatch
 from workers.sinks.base import Ack, Sink
-from workers.spool import Spool
+from workers.spool import Dropped, Spool
 
 log = logging.getLogger("senseflow.writer")
 
@@ -56,29 +56,32 @@ class Feed:
         self.next = spool.cursors[self.name]
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
-        self.handed_then_dropped: set[int] = set()
+        # Records given up while the sink had them: {seq: events}, counted at their ack;
+        # their events are in the block's `_limbo.<destination>` until then.
+        self.handed_then_dropped: dict[int, int] = {}
         self.written_key = f"written.{self.name}"
         self.failed_key = f"failed.{self.name}"
+        self.dropped_key = f"dropped.destination_full.{self.name}"
         self.cursor_key = cursor_key(self.name)
+        self.limbo_key = limbo_key(self.name)
         sink.on_ack = self.acknowledged
 
     def acknowledged(self, acks: list[Ack]) -> None:
-        written = failed = 0
+        written = failed = limbo = 0
         cursor = None
         for seq, done, rejected in acks:
             passed = self.spool.ack(self.name, seq, done, rejected)
             if passed is not None:
-                written, failed, cursor = (
-                    written + passed.written,
-                    failed + passed.failed,
-                    passed.cursor,
-                )
+                written, failed = written + passed.written, failed + passed.failed
+                cursor = passed.cursor
             elif seq in self.handed_then_dropped:  # behind the cursor, but ours to count
-                self.handed_then_dropped.discard(seq)
+                limbo += self.handed_then_dropped.pop(seq)
                 written, failed = written + done, failed + rejected
         if written or failed or cursor is not None:
+            adds = {self.written_key: written, self.failed_key: failed, self.limbo_key: -limbo}
             sets = {} if cursor is None else {self.cursor_key: cursor}
-            self.counters.commit({self.written_key: written, self.failed_key: failed}, sets)
+            self.counters.commit(adds, sets)
+            self.spool.persist()
 
     @property
     def backlog(self) -> int:
@@ -114,19 +117,27 @@ class Feed:
         self.next = seq
         return None
 
-    def count_dropped(self, records: dict[int, int]) -> int:
-        """Of the records {seq: events} the spool gave up on, count those never handed over;
-        those handed over are counted when the sink acknowledges them."""
-        dropped = sum(events for seq, events in records.items() if seq >= self.next)
-        self.handed_then_dropped.update(seq for seq in records if seq < self.next)
-        self.counters.commit(
-            {f"dropped.destination_full.{self.name}": dropped},
-            {self.cursor_key: self.spool.cursors[self.name]},
-        )
-        self.next = max(self.next, max(records, default=-1) + 1)
-        return dropped
+    def count_dropped(self, dropped: Dropped, adds: dict[str, int], sets: dict[str, int]) -> int:
+        """What the spool gave up for this destination, into one commit: records never
+        handed over are dropped, those acknowledged ahead of the cursor written or failed,
+        those still with the sink wait for their ack. Returns the events dropped."""
+        lost = sum(events for seq, events in dropped.unacked.items() if seq >= self.next)
+        handed = {seq: events for seq, events in dropped.unacked.items() if seq < self.next}
+        self.handed_then_dropped.update(handed)
+        adds[self.dropped_key] = lost
+        adds[self.written_key] = dropped.written
+        adds[self.failed_key] = dropped.failed
+        adds[self.limbo_key] = sum(handed.values())
+        sets[self.cursor_key] = dropped.cursor
+        self.next = max(self.next, dropped.cursor)
+        return lost
 
 
 def cursor_key(destination: str) -> str:
     """Where the writer's counter block keeps a destination's spool cursor."""
     return f"_cursor.{destination}"
+
+
+def limbo_key(destination: str) -> str:
+    """Events given up by the spool while the sink held them, not yet acknowledged."""
+    return f"_limbo.{destination}"

@@ -2,10 +2,10 @@
 
 The worker counts nothing of its own: each encoded batch carries its counts (events,
 invalid, excluded) to the writer, which counts them as it spools the batch. What the
-worker records, in its shared counter block, is what it holds: `_holding` is
-`number << 32 | datagrams`, the number of its next send and how many datagrams it has
-taken and not yet sent on. If the worker is killed, the supervisor reads that and tells
-the writer (a fence batch), which counts what never arrived as `dropped.worker_crash`.
+worker records, in its shared counter block, is what it holds: `_number`, the number of
+its next send, and `_held`, how many datagrams it has taken and not yet sent on. If the
+worker is killed, the supervisor reads that and tells the writer (a fence batch), which
+counts what never arrived as `dropped.worker_crash`.
 """
 
 from __future__ import annotations
@@ -34,16 +34,13 @@ log = logging.getLogger("senseflow.worker")
 BENCH_DISCARD = os.environ.get("SENSEFLOW_BENCH_DISCARD") == "1"
 
 
-HOLDING = "_holding"
+NUMBER = "_number"
+HELD = "_held"
 
 
-def holding(number: int, datagrams: int) -> int:
-    return number << 32 | datagrams
-
-
-def held(value: int) -> tuple[int, int]:
-    """(number of the next send, datagrams held) from a `_holding` value."""
-    return value >> 32, value & 0xFFFFFFFF
+def holding(counters: SharedCounters) -> tuple[int, int]:
+    """(number of the next send, datagrams held) of the worker slot."""
+    return counters.get(NUMBER), counters.get(HELD)
 
 
 def run(config: Config, channels: Channels, index: int, parent_pid: int, block: object) -> int:
@@ -64,7 +61,7 @@ class Worker:
         self.name = f"worker-{index}"
         self.counters = counters
         # A predecessor's sends were numbered up to here; the supervisor settled what it held.
-        self.number, _ = held(counters.get(HOLDING))
+        self.number, _ = holding(counters)
         self.pipeline = EventPipeline(config, load_app_names(config))
         self.app_names = AppNamesWatcher(channels.app_names_path)
         self.refresh_app_names()
@@ -92,17 +89,17 @@ class Worker:
 
     def process(self, item: bytes) -> None:
         self.held = raw_batch_size(item)
-        self.counters.set(HOLDING, holding(self.number, self.held))
+        self.counters.set(HELD, self.held)
         if BENCH_DISCARD:
             self.discard(item)
         else:
             self.process_raw(RAW_DECODER.decode(item))
-        self.counters.set(HOLDING, holding(self.number, 0))
 
     def discard(self, item: bytes) -> None:
         """SENSEFLOW_BENCH_DISCARD=1 (benchmarks only): decode, count, drop."""
         count = len(RAW_DECODER.decode(item).datagrams)
-        self.counters.commit({"events": count, "written.discard": count})
+        self.counters.commit({"events": count, "written.discard": count}, {HELD: 0})
+        self.held = 0
 
     def process_raw(self, raw: RawBatch) -> None:
         batch = self.pipeline.process_batch(raw)
@@ -121,7 +118,7 @@ class Worker:
         self.channels.encoded.send(message)
         self.number += 1
         self.held -= batch.datagrams
-        self.counters.set(HOLDING, holding(self.number, self.held))
+        self.counters.commit({}, {NUMBER: self.number, HELD: self.held})
 
     def log_invalid(self, counters: dict[str, int], raw: RawBatch) -> None:
         reasons = {k: v for k, v in counters.items() if k.startswith("invalid.")}

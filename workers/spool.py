@@ -50,6 +50,18 @@ class Passed:
 
 
 @dataclass(slots=True)
+class Dropped:
+    """What giving up a segment meant for one destination."""
+
+    unacked: dict[int, int]
+    """{seq: events} of the records it had not acknowledged."""
+    written: int
+    failed: int
+    """Events of the records it had acknowledged ahead of its cursor."""
+    cursor: int
+
+
+@dataclass(slots=True)
 class Location:
     segment: int  # first seq of the segment file
     offset: int
@@ -81,6 +93,8 @@ class Spool:
         self._out_segment = -1
         self._dirty = False
         self._cursors_dirty = False
+        self._moved = False  # cursors moved in memory, not yet persisted
+        self._doomed: list[int] = []  # segments given up, their files not yet deleted
         self._recover()
         saved = self._read_cursors()
         for destination, cursor in (known_cursors or {}).items():
@@ -151,7 +165,8 @@ class Spool:
     def ack(self, destination: str, seq: int, written: int, failed: int) -> Passed | None:
         """Record that `destination` delivered record `seq` (`written` events, `failed`
         rejected). Returns what the cursor passed because of it, None if it did not move;
-        an `seq` behind the cursor (given up on when the spool was full) is ignored."""
+        an `seq` behind the cursor (given up on when the spool was full) is ignored.
+        Changes memory only: count what it returns, then call `persist()`."""
         cursor = self.cursors[destination]
         if seq < cursor:
             return None
@@ -167,46 +182,55 @@ class Spool:
             cursor += 1
         passed.cursor = cursor
         self.cursors[destination] = cursor
-        self._cursors_moved()
-        self._collect()
+        self._moved = True
         return passed
 
-    def _cursors_moved(self) -> None:
-        if self.fsync == "always":
-            self._write_cursors()
-        else:
-            self._cursors_dirty = True
+    def persist(self) -> None:
+        """Once the caller has counted what `ack` or `drop_oldest_segment` returned (and
+        only then, so that a kill in between cannot skip uncounted records): delete the
+        segments nobody needs any more and save the moved cursors."""
+        for first in self._doomed:
+            self._segment_path(first).unlink(missing_ok=True)
+        self._doomed.clear()
+        if self._moved:
+            self._moved = False
+            self._collect()
+            if self.fsync == "always":
+                self._write_cursors()
+            else:
+                self._cursors_dirty = True
 
     def size_bytes(self) -> int:
         return sum(self.segments.values())
 
-    def drop_oldest_segment(self) -> dict[str, dict[int, int]]:
-        """Delete the oldest segment to respect `max_bytes`.
+    def drop_oldest_segment(self) -> dict[str, Dropped]:
+        """Give up the oldest segment to respect `max_bytes`: what it means per destination.
 
-        Returns, per destination, {seq: events} of the records it had not acknowledged: the
-        caller counts those it never handed to the destination as dropped. Records already
-        handed over stay in the destination's memory and are still delivered.
+        Records a destination had acknowledged out of order count as delivered; the caller
+        counts the others, never handed over, as dropped, and those handed over when the
+        destination acknowledges them. Memory only: count, then call `persist()`.
         """
         if len(self.segments) <= 1:
             return {}
         first, following = sorted(self.segments)[:2]
-        lost = {
-            d: {
-                s: self.index[s].events
-                for s in range(max(first, self.cursors[d]), following)
-                if s in self.index
-            }
-            for d in self.destinations
-        }
+        dropped = {}
         for destination in self.destinations:
-            if self.cursors[destination] < following:
-                self.cursors[destination] = following
-                self._acked[destination] = {
-                    s: v for s, v in self._acked[destination].items() if s >= following
-                }
-        self._cursors_moved()
-        self._delete_segment(first, following)
-        return lost
+            cursor = self.cursors[destination]
+            acked = self._acked[destination]
+            outcome = Dropped({}, 0, 0, max(cursor, following))
+            for seq in range(max(first, cursor), following):
+                if seq in acked:
+                    done, rejected = acked.pop(seq)
+                    outcome.written += done
+                    outcome.failed += rejected
+                elif seq in self.index:
+                    outcome.unacked[seq] = self.index[seq].events
+            dropped[destination] = outcome
+            self.cursors[destination] = outcome.cursor
+        self._moved = True
+        self._forget_segment(first, following)
+        self._doomed.append(first)
+        return dropped
 
     def over_limit(self) -> bool:
         return self.size_bytes() > self.max_bytes
@@ -221,10 +245,13 @@ class Spool:
             self._delete_segment(first, following)
 
     def _delete_segment(self, first: int, following: int) -> None:
+        self._forget_segment(first, following)
+        self._segment_path(first).unlink(missing_ok=True)
+
+    def _forget_segment(self, first: int, following: int) -> None:
         for seq in range(first, following):
             self.index.pop(seq, None)
         del self.segments[first]
-        self._segment_path(first).unlink(missing_ok=True)
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -289,6 +316,7 @@ class Spool:
         return offset
 
     def close(self) -> None:
+        self.persist()
         if self._out is not None:
             self.sync()
             self._out.close()

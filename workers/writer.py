@@ -34,7 +34,7 @@ from shared.events import ENCODED_DECODER, EncodedBatch
 from shared.ipc import REPORT_INTERVAL, STOP, Channels, report, start_parent_watch
 from shared.logs import RateLimitedLog, setup_logging
 from shared.tasks import cancel_all, spawn
-from workers.feeds import BatchCache, Feed, cursor_key
+from workers.feeds import BatchCache, Feed, cursor_key, limbo_key
 from workers.sinks.base import DestinationUnreachable, Sink
 from workers.spool import Spool
 
@@ -183,6 +183,11 @@ class Writer:
                 batch = ENCODED_DECODER.decode(spool.read(seq))
                 self.counters.commit(batch.counters, {SPOOLED: seq + 1, **self.seen(batch)})
                 log.info("counted batch %d, spooled by the writer before a restart", seq)
+        for name in spool.destinations:  # given up while the dead writer's sink held them
+            if limbo := self.counters.get(limbo_key(name)):
+                self.counters.commit(
+                    {f"dropped.destination_full.{name}": limbo}, {limbo_key(name): 0}
+                )
 
     def start_feeds(self) -> None:
         assert self.spool is not None
@@ -261,12 +266,13 @@ class Writer:
         `fence.number` on: whatever of them did not reach us is lost."""
         worker, number = fence.worker, fence.number
         lost = fence.datagrams
-        if self.counters.get(seen_key(worker)) > number:  # its send `number` did arrive
+        seen = self.counters.get(seen_key(worker))
+        if seen == number + 1:  # its send `number` did arrive
             lost -= self.counters.get(seen_datagrams_key(worker))
         lost = max(lost, 0)
         self.counters.commit(
             {"dropped.worker_crash": lost},
-            {seen_key(worker): number + 1, seen_datagrams_key(worker): fence.datagrams},
+            {seen_key(worker): max(seen, number + 1), seen_datagrams_key(worker): fence.datagrams},
         )
         if lost:
             log.error("worker-%d died holding %d datagram(s); counted as lost", worker, lost)
@@ -282,17 +288,23 @@ class Writer:
     def enforce_spool_limit(self) -> None:
         assert self.spool is not None
         while self.spool.over_limit():
-            lost = self.spool.drop_oldest_segment()
-            if not lost:
+            dropped = self.spool.drop_oldest_segment()
+            if not dropped:
                 break
-            for feed in self.feeds:
-                dropped = feed.count_dropped(lost.get(feed.name, {}))
-                if dropped:
+            adds: dict[str, int] = {}
+            sets: dict[str, int] = {}
+            lost = {
+                feed.name: feed.count_dropped(dropped[feed.name], adds, sets) for feed in self.feeds
+            }
+            self.counters.commit(adds, sets)  # every destination's outcome at once
+            self.spool.persist()
+            for name, events in lost.items():
+                if events:
                     self.drop_log.warning(
                         "%s: spool full (%d bytes): dropped the oldest %d event(s)",
-                        feed.name,
+                        name,
                         self.spool.max_bytes,
-                        dropped,
+                        events,
                     )
         if self.feeds:
             self.cache.forget_before(min(feed.next for feed in self.feeds))

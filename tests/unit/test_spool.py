@@ -20,6 +20,12 @@ def fill(spool: Spool, count: int, size: int = 100) -> list[bytes]:
     return payloads
 
 
+def acknowledge(spool: Spool, destination: str, seq: int) -> None:
+    """As the writer's feed does: ack, count what passed (here: nothing to count), persist."""
+    spool.ack(destination, seq, 3, 0)
+    spool.persist()
+
+
 def test_records_read_back_exactly(tmp_path: Path) -> None:
     spool = Spool(tmp_path, DESTINATIONS, segment_bytes=1000)
     payloads = fill(spool, 30)
@@ -32,10 +38,10 @@ def test_records_read_back_exactly(tmp_path: Path) -> None:
 def test_cursor_moves_only_over_contiguous_acks(tmp_path: Path) -> None:
     spool = Spool(tmp_path, DESTINATIONS)
     fill(spool, 5)
-    spool.ack("mqtt", 2, 3, 0)
+    acknowledge(spool, "mqtt", 2)
     spool.ack("mqtt", 0, 3, 0)
     assert spool.cursors["mqtt"] == 1
-    spool.ack("mqtt", 1, 3, 0)
+    acknowledge(spool, "mqtt", 1)
     assert spool.cursors["mqtt"] == 3
     assert spool.cursors["influxdb"] == 0
     spool.close()
@@ -46,10 +52,10 @@ def test_segments_deleted_once_every_destination_acked(tmp_path: Path) -> None:
     fill(spool, 20)
     before = len(list(tmp_path.glob("segment-*.log")))
     for seq in range(20):
-        spool.ack("influxdb", seq, 3, 0)
+        acknowledge(spool, "influxdb", seq)
     assert len(list(tmp_path.glob("segment-*.log"))) == before  # mqtt still needs them
     for seq in range(20):
-        spool.ack("mqtt", seq, 3, 0)
+        acknowledge(spool, "mqtt", seq)
     assert len(list(tmp_path.glob("segment-*.log"))) == 1  # the one being written stays
     spool.close()
 
@@ -58,7 +64,7 @@ def test_restart_replays_what_was_not_acknowledged(tmp_path: Path) -> None:
     spool = Spool(tmp_path, DESTINATIONS, segment_bytes=700)
     payloads = fill(spool, 12)
     for seq in range(5):
-        spool.ack("influxdb", seq, 3, 0)
+        acknowledge(spool, "influxdb", seq)
     spool.sync()  # the fsync timer saves the cursors
     spool.ack("influxdb", 5, 3, 0)  # moved after the last sync: not on disk
     assert spool._out is not None
@@ -78,7 +84,7 @@ def test_cursors_known_from_the_writers_counter_block_win_over_the_file(tmp_path
     spool = Spool(tmp_path, DESTINATIONS)
     fill(spool, 10)
     for seq in range(7):
-        spool.ack("mqtt", seq, 3, 0)
+        acknowledge(spool, "mqtt", seq)
     spool.sync()
     assert spool._out is not None
     spool._out.close()
@@ -120,15 +126,22 @@ def test_drop_oldest_segment_reports_unacknowledged(tmp_path: Path) -> None:
     spool = Spool(tmp_path, DESTINATIONS, max_bytes=1500, segment_bytes=500)
     fill(spool, 20)
     assert spool.over_limit()
-    spool.ack("influxdb", 0, 3, 0)
-    lost = spool.drop_oldest_segment()
-    assert lost["influxdb"] == {1: 3, 2: 3, 3: 3}
-    assert lost["mqtt"] == {0: 3, 1: 3, 2: 3, 3: 3}
+    acknowledge(spool, "influxdb", 0)
+    spool.ack("mqtt", 2, 2, 1)  # acknowledged ahead of the cursor: delivered, not lost
+    dropped = spool.drop_oldest_segment()
+    assert dropped["influxdb"].unacked == {1: 3, 2: 3, 3: 3}
+    assert dropped["mqtt"].unacked == {0: 3, 1: 3, 3: 3}
+    assert (dropped["mqtt"].written, dropped["mqtt"].failed) == (2, 1)
     assert spool.cursors == {"influxdb": 4, "mqtt": 4}
-    spool.ack("mqtt", 2, 3, 0)  # an ack for a record given up on is ignored
+    assert dropped["mqtt"].cursor == 4
+    assert len(list(tmp_path.glob("segment-*.log"))) == 5  # deleted only once counted
+    spool.persist()
+    assert len(list(tmp_path.glob("segment-*.log"))) == 4
+    assert spool.ack("mqtt", 2, 3, 0) is None  # an ack for a record given up on is ignored
     assert spool.cursors["mqtt"] == 4
     while spool.over_limit():
         assert spool.drop_oldest_segment()
+    spool.persist()
     assert spool.size_bytes() <= 1500
     spool.close()
 

@@ -14,8 +14,9 @@ a JSON array (`[a,b,c]`, never parsed again), gzipped, and POSTed to
   nothing is dropped. Other 4xx answers cannot succeed by retrying: their events are
   counted as failed and a sample is logged.
 - Pending events are bounded per account by `pendingEvents`; the writer waits at the bound.
-- Counters: each event counts once for the destination (SPEC 4): `failed.newrelic` if any
-  account rejected it, else `written.newrelic` once every account has it;
+- Counters: each event counts once for the destination (SPEC 4): `failed.newrelic` if an
+  account rejected it, else `written.newrelic` once every account has it (when accounts
+  reject different events of one batch, the batch counts the larger number as failed);
   `newrelic.written.<account>` and `newrelic.failed.<account>` per account;
   `retries.newrelic`; `newrelic.splits`.
 - API keys and custom headers are never logged; answers are redacted before logging.
