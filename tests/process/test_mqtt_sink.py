@@ -360,6 +360,34 @@ def test_start_fails_clearly_when_nothing_listens(
     asyncio.run(scenario())
 
 
+def test_a_broker_that_accepts_then_drops_us_is_retried_with_growing_backoff(
+    mosquitto_server: MosquittoServer, prefix: str
+) -> None:
+    """CONNACK, then the connection closes at once: each reconnect waits longer (the backoff
+    restarts only after a connection that lasted), instead of hammering the broker."""
+    accepted: list[float] = []
+
+    async def flaky(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(time.monotonic())
+        await reader.read(1024)  # CONNECT
+        writer.write(b"\x20\x02\x00\x00")  # CONNACK, accepted
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(flaky, LOOPBACK, 0)
+        port = server.sockets[0].getsockname()[1]
+        sink = MqttSink(mqtt_config(mosquitto_server, prefix, port=port), Counters())
+        await sink.start()
+        await asyncio.sleep(4.0)
+        await sink.close()
+        server.close()
+
+    asyncio.run(scenario())
+    # A reset on every CONNACK would reconnect every 0-0.2 s: about 40 times in 4 s.
+    assert 2 <= len(accepted) <= 12, len(accepted)
+
+
 # -- acknowledgements, flush, restarts -------------------------------------------------------
 
 

@@ -37,6 +37,8 @@ log = logging.getLogger("senseflow.mqtt")
 NAME = "mqtt"
 CONNECT_TIMEOUT = 10.0
 KEEPALIVE = 30
+STABLE_CONNECTION = 10.0
+"""Seconds a connection must last before a drop starts the reconnect backoff afresh."""
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 MAX_PACKET_ID = 0xFFFF
 QOS2_WINDOW = 20
@@ -117,6 +119,7 @@ class MqttSink:
         self.idle = asyncio.Event()
         self.idle.set()
         self.backoff = Backoff(base=0.2, cap=10.0)
+        self.connected_at = 0.0
         self.tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -145,8 +148,7 @@ class MqttSink:
             reason = str(exc) or type(exc).__name__
             raise DestinationUnreachable(f"MQTT broker {self.address}: {reason}") from exc
         self.connected = True
-        self.last_heard = time.monotonic()
-        self.backoff.reset()
+        self.last_heard = self.connected_at = time.monotonic()
 
     async def _handshake(self) -> None:
         self.reader, self.writer = await asyncio.open_connection(
@@ -188,6 +190,8 @@ class MqttSink:
                     "MQTT connection to %s lost: %s", self.address, exc or type(exc).__name__
                 )
             await self._close_stream()
+            if time.monotonic() - self.connected_at >= STABLE_CONNECTION:
+                self.backoff.reset()  # else a broker that takes us and drops us: back off
             await self._reconnect()
 
     async def _read_loop(self) -> None:
