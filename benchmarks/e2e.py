@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from shared.corpus import make_corpus
 from shared.loadgen import send
@@ -121,7 +122,7 @@ def run_trial(
     rate: float,
     count: int,
     pool: list[bytes],
-    extra: dict[str, object],
+    extra: dict[str, Any],
 ) -> Trial:
     trial = Trial(workers, rate, count)
     database = f"bench_{time.monotonic_ns()}"
