@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -115,12 +115,15 @@ PROMQL_NAME = re.compile(r"\bsenseflow_[a-z0-9_]+\b")
 def test_metrics_dashboard_uses_only_metrics_we_expose(start_service: StartService) -> None:
     port, keys = metrics_flags()
     start_service(**keys)
-    exposed = wait_for(
-        lambda: (
-            (names := {name for name, _ in scrape(port)}) >= {"senseflow_spool_bytes"} and names
+    exposed = cast(
+        "set[str]",
+        wait_for(
+            lambda: (
+                (names := {name for name, _ in scrape(port)}) >= {"senseflow_spool_bytes"} and names
+            ),
+            10,
+            "the writer's first delivery report",
         ),
-        10,
-        "the writer's first delivery report",
     )
     dashboard = json.loads((DASHBOARDS / "senseflow-metrics.json").read_text(encoding="utf-8"))
     used = set()

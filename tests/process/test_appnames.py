@@ -158,9 +158,8 @@ class Qrs:
 
 def client_common_name(connection: Any) -> str:
     certificate = connection.getpeercert() or {}
-    return dict(pair for rdn in certificate.get("subject", ()) for pair in rdn).get(
-        "commonName", ""
-    )
+    subject: dict[str, str] = dict(pair for rdn in certificate.get("subject", ()) for pair in rdn)
+    return subject.get("commonName", "")
 
 
 def free_loopback_host() -> str:

@@ -110,7 +110,9 @@ def line_fields(line: str) -> str:
     return _UNESCAPED["space"].split(line.rstrip("\n"))[1]
 
 
-def outputs(flow: EventPipeline, event: UserEvent) -> tuple[dict, dict, dict, str]:
+def outputs(
+    flow: EventPipeline, event: UserEvent
+) -> tuple[dict[str, Any], dict[str, str], dict[str, Any], str]:
     payload = msgspec.json.decode(flow.encoder.mqtt(event))
     line = flow.encoder.line(event)
     newrelic = msgspec.json.decode(flow.encoder.newrelic(event))

@@ -99,7 +99,7 @@ def input_file(tmp_path: Path, lines: list[str], newline: str = "\n") -> Path:
     return path
 
 
-def run(args: list[str], capsys) -> tuple[int, list[str], str]:
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str], str]:
     code = main(args)
     captured = capsys.readouterr()
     return code, captured.out.splitlines(), captured.err
@@ -115,7 +115,7 @@ def check_timestamp(timestamp: str, before: float, after: float) -> None:
 # -- JSON ----------------------------------------------------------------------------------
 
 
-def test_json_from_file(tmp_path: Path, capsys) -> None:
+def test_json_from_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = config_file(tmp_path, app_names_yaml(tmp_path))
     before = time.time()
     code, lines, err = run(
@@ -175,7 +175,9 @@ def test_json_from_file(tmp_path: Path, capsys) -> None:
     assert start["timestamp"] <= open_["timestamp"] <= stop["timestamp"]
 
 
-def test_json_from_stdin_in_process(tmp_path: Path, capsys, monkeypatch) -> None:
+def test_json_from_stdin_in_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     stdin = io.TextIOWrapper(io.BytesIO(("\n".join(INPUT[:3]) + "\n").encode()))
     monkeypatch.setattr(sys, "stdin", stdin)
     code, lines, _ = run(["parse", "--config", str(config_file(tmp_path))], capsys)
@@ -209,7 +211,9 @@ def test_json_from_stdin_subprocess(tmp_path: Path) -> None:
     assert out[0]["event"]["appName"] == "Sales dashboard"
 
 
-def test_default_format_is_json_and_no_config_needed(tmp_path: Path, capsys) -> None:
+def test_default_format_is_json_and_no_config_needed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, lines, _ = run(["parse", str(input_file(tmp_path, [SESSION_START, EXCLUDED]))], capsys)
     assert code == exitcodes.OK
     first, second = (json.loads(line) for line in lines)
@@ -220,7 +224,7 @@ def test_default_format_is_json_and_no_config_needed(tmp_path: Path, capsys) -> 
 # -- line protocol -------------------------------------------------------------------------
 
 
-def test_line_protocol(tmp_path: Path, capsys) -> None:
+def test_line_protocol(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = config_file(tmp_path, app_names_yaml(tmp_path))
     args = ["parse", "--format", "line-protocol", "--config", str(config)]
     code, lines, err = run([*args, str(input_file(tmp_path, INPUT))], capsys)
@@ -275,7 +279,7 @@ def test_line_protocol_from_stdin(tmp_path: Path) -> None:
 @pytest.mark.parametrize("output_format", ["json", "line-protocol"])
 @pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
 def test_one_output_line_per_input_line(
-    tmp_path: Path, capsys, output_format: str, newline: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], output_format: str, newline: str
 ) -> None:
     lines = [SESSION_START, "", "   ", UNKNOWN, HUB_STOP, "\x00\x01", TOO_FEW, ""]
     path = input_file(tmp_path, lines, newline)
@@ -296,7 +300,9 @@ def test_one_output_line_per_input_line(
         ]
 
 
-def test_last_line_without_newline_and_bad_utf8(tmp_path: Path, capsys) -> None:
+def test_last_line_without_newline_and_bad_utf8(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "in.txt"
     path.write_bytes(
         b"/qseow-proxy-session/;sense\xff1;Start session;LAB;anna;o;c;m\n" + UNKNOWN.encode()
@@ -307,7 +313,7 @@ def test_last_line_without_newline_and_bad_utf8(tmp_path: Path, capsys) -> None:
     assert json.loads(lines[0])["event"]["host"] == "sense\ufffd1"
 
 
-def test_empty_input(tmp_path: Path, capsys) -> None:
+def test_empty_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "empty.txt"
     path.write_bytes(b"")
     assert run(["parse", str(path)], capsys)[:2] == (exitcodes.OK, [])
@@ -330,7 +336,9 @@ def test_empty_input(tmp_path: Path, capsys) -> None:
     ],
     ids=["yaml mapping", "yaml list", "csv with header", "csv no header", "csv quoted"],
 )
-def test_app_names_file(tmp_path: Path, capsys, name: str, text: str) -> None:
+def test_app_names_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str
+) -> None:
     names = tmp_path / name
     names.write_text(text, encoding="utf-8")
     config = config_file(tmp_path, names)
@@ -343,7 +351,7 @@ def test_app_names_file(tmp_path: Path, capsys, name: str, text: str) -> None:
     assert "appName" not in events[2]
 
 
-def test_app_name_unknown_id_is_omitted(tmp_path: Path, capsys) -> None:
+def test_app_name_unknown_id_is_omitted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     names = tmp_path / "apps.yaml"
     names.write_text(f"{HR}: HR overview\n", encoding="utf-8")
     config = config_file(tmp_path, names)
@@ -360,7 +368,9 @@ def test_app_name_unknown_id_is_omitted(tmp_path: Path, capsys) -> None:
     [("apps.yaml", "just a string\n"), ("apps.yaml", "- id: x\n"), ("missing.yaml", None)],
     ids=["not a mapping", "list item without name", "missing"],
 )
-def test_bad_app_names_file(tmp_path: Path, capsys, name: str, text: str | None) -> None:
+def test_bad_app_names_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str | None
+) -> None:
     names = tmp_path / name
     if text is not None:
         names.write_text(text, encoding="utf-8")
@@ -383,7 +393,7 @@ def test_bad_app_names_file(tmp_path: Path, capsys, name: str, text: str | None)
 # -- errors --------------------------------------------------------------------------------
 
 
-def test_missing_input_file(tmp_path: Path, capsys) -> None:
+def test_missing_input_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "no-such-file.txt"
     code, lines, err = run(["parse", str(missing)], capsys)
     assert code != exitcodes.OK
@@ -406,7 +416,7 @@ def test_missing_input_file_subprocess(tmp_path: Path) -> None:
     assert result.stdout == b""
 
 
-def test_unknown_format_is_a_usage_error(capsys) -> None:
+def test_unknown_format_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["parse", "--format", "csv"])
     assert exited.value.code == 2

@@ -460,7 +460,9 @@ def test_env_value_of_wrong_type_is_reported_at_its_key() -> None:
     ]
 
 
-def test_load_config_reads_the_process_environment(tmp_path: Path, monkeypatch) -> None:
+def test_load_config_reads_the_process_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = write(
         tmp_path, "Butler-SOS:\n  influxdbConfig:\n    v3Config:\n      token: ${SF_TEST_TOKEN}\n"
     )
@@ -577,7 +579,7 @@ BAD_LINES = [
 ]
 
 
-def test_cli_bad_config_in_process(tmp_path: Path, capsys) -> None:
+def test_cli_bad_config_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, BAD_CONFIG)
     assert main(["parse", "--config", str(path), str(write(tmp_path, "", "in.txt"))]) == 2
     captured = capsys.readouterr()
@@ -614,14 +616,18 @@ def test_cli_bad_config_subprocess(tmp_path: Path) -> None:
     ],
     ids=["bad yaml", "missing file"],
 )
-def test_cli_unloadable_config(tmp_path: Path, capsys, text: str | None, expected: str) -> None:
+def test_cli_unloadable_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | None, expected: str
+) -> None:
     path = write(tmp_path, text) if text is not None else tmp_path / "missing.yaml"
     assert main(["parse", "--config", str(path)]) == exitcodes.CONFIG_ERROR
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"senseflow: config: {path}: {expected}")
 
 
-def test_cli_missing_env_var(tmp_path: Path, capsys, monkeypatch) -> None:
+def test_cli_missing_env_var(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("SF_MISSING_TOKEN", raising=False)
     path = write(
         tmp_path,

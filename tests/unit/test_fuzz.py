@@ -288,7 +288,7 @@ def instrument_our_code(atheris: Any) -> None:
 
 
 def run_atheris() -> None:
-    import atheris  # type: ignore[import-not-found]
+    import atheris  # type: ignore[import-untyped]
 
     full_pipeline()  # built before instrumenting: the user-agent rules are not ours to fuzz
     instrument_our_code(atheris)

@@ -200,7 +200,7 @@ def test_collector_exposes_the_summed_counters() -> None:
         destinations=lambda: ["influxdb"],
     )
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SenseflowCollector(supervisor))  # type: ignore[arg-type]
+    registry.register(SenseflowCollector(supervisor))
     try:
         text = generate_latest(registry).decode()
     finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import pytest
@@ -53,6 +55,9 @@ def short(
     return ";".join((source, host, subsystem, context, message)).encode()
 
 
+MakeDatagram = Callable[..., bytes]
+
+
 def parsed(data: bytes) -> UserEvent:
     event = parse_datagram(data, NS)
     assert isinstance(event, UserEvent), event
@@ -60,7 +65,7 @@ def parsed(data: bytes) -> UserEvent:
 
 
 def pipeline(
-    document: dict | None = None, app_names: dict[str, str] | None = None
+    document: dict[str, Any] | None = None, app_names: dict[str, str] | None = None
 ) -> EventPipeline:
     config = config_from_document(document, {}) if document else Config()
     return EventPipeline(config, app_names)
@@ -243,7 +248,7 @@ def test_format_b_required_fields(fields: dict[str, str], reason: str) -> None:
 
 
 @pytest.mark.parametrize("make", [butler, short], ids=["format_a", "format_b"])
-def test_control_characters_stripped_from_every_field(make) -> None:
+def test_control_characters_stripped_from_every_field(make: MakeDatagram) -> None:
     dirty = "".join(chr(c) for c in [*range(0x20), 0x7F])
     if make is butler:
         event = parsed(
@@ -552,7 +557,7 @@ TAGS = {
 
 
 @pytest.mark.parametrize("make", [butler, short], ids=["format_a", "format_b"])
-def test_configured_tags_appear_in_every_output(make) -> None:
+def test_configured_tags_appear_in_every_output(make: MakeDatagram) -> None:
     flow = pipeline(TAGS)
     event = flow.event_or_reason(make(), NS)
     assert isinstance(event, UserEvent)
@@ -565,7 +570,7 @@ def test_configured_tags_appear_in_every_output(make) -> None:
 
 
 @pytest.mark.parametrize("make", [butler, short], ids=["format_a", "format_b"])
-def test_no_tags_configured(make) -> None:
+def test_no_tags_configured(make: MakeDatagram) -> None:
     flow = pipeline()
     event = flow.event_or_reason(make(), NS)
     assert isinstance(event, UserEvent)
@@ -574,7 +579,7 @@ def test_no_tags_configured(make) -> None:
 
 
 @pytest.mark.parametrize("make", [butler, short], ids=["format_a", "format_b"])
-def test_full_enrichment_both_formats(make) -> None:
+def test_full_enrichment_both_formats(make: MakeDatagram) -> None:
     flow = pipeline(app_names={APP_ID: "Sales"})
     data = (
         make(message=f"Start session for user 'LAB\\testuser1' UserAgent: {CHROME_WINDOWS}")
