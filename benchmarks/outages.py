@@ -9,6 +9,8 @@ mosquitto_sub (clean session off, fixed id) receives. After --warmup seconds, on
 - broker:   mosquitto stopped for --outage s, then started again (its persistent
             sessions, the subscriber's queued messages included, survive);
 - writer:   the writer process SIGKILLed; the supervisor restarts it;
+- worker:   worker-0 SIGKILLed; the supervisor restarts it (the batch it held, if any, is
+            lost and counted `dropped.worker_crash`);
 - service:  the whole process group SIGKILLed, then `senseflow run` started again at
             once with the same config and spool;
 - rss:      influxd stopped for --rss-outage s, default bounds: peak RSS per process.
@@ -22,7 +24,8 @@ events on the topic and the RSS of every process. Figures per destination:
   socket buffer) but had not yet spooled;
 - recovery: from the moment the destination (or the restarted process) is back until
   the first sample at which it holds everything sent up to that moment (less the lost);
-- duplicates on the topic (QoS 1 is at-least-once).
+- duplicates on the topic (QoS 1 is at-least-once);
+- counted lost (the run's `dropped` counters) and whether the run's counters add up.
 
     .venv/bin/python -m benchmarks.outages                       # everything, ~6 minutes
     .venv/bin/python -m benchmarks.outages --scenarios influxdb writer --rate 2000
@@ -62,7 +65,7 @@ from tests.e2e.harness import (
     write_config,
 )
 
-SCENARIOS = ("influxdb", "broker", "writer", "service", "rss")
+SCENARIOS = ("influxdb", "broker", "writer", "worker", "service", "rss")
 TOPIC = b"qliksense/userevent "
 MARKER = re.compile(rb"\[m(\d+)\]")
 SAMPLE_INTERVAL = 0.25
@@ -306,6 +309,15 @@ def kill_writer(run: Run, args: argparse.Namespace) -> float:
     return time.monotonic()
 
 
+def kill_worker(run: Run, args: argparse.Namespace) -> float:
+    service = run.service
+    pid = service.child_pids("worker-0")[-1]
+    os.kill(pid, signal.SIGKILL)
+    service.wait_for_log(f"(pid {pid}) died")
+    service.wait_for_log("started worker-0", after=service.log.index(f"(pid {pid}) died"))
+    return time.monotonic()
+
+
 def kill_service(run: Run, args: argparse.Namespace) -> float:
     run.killed_at_sent = run.sender.sent  # type: ignore[attr-defined]
     run.service.kill_group()
@@ -317,6 +329,7 @@ FAILURES = {
     "influxdb": fail_influxdb,
     "broker": fail_broker,
     "writer": kill_writer,
+    "worker": kill_worker,
     "service": kill_service,
     "rss": fail_influxdb,
 }
@@ -370,11 +383,25 @@ def measure(
 _KEY = {"influxdb": "influx", "mqtt": "mqtt"}
 
 
+def counters_add_up(counters: dict[str, int]) -> bool:
+    """The run's own balance (the summary line at exit): every datagram received has one
+    outcome, and each destination wrote every event it had (its own and recovered ones)."""
+    outcomes = counters.get("events", 0) + counters.get("invalid", 0) + counters.get("excluded", 0)
+    if outcomes + counters.get("dropped", 0) != counters.get("received", 0):
+        return False
+    return all(
+        counters.get(f"written.{d}", 0) + counters.get(f"failed.{d}", 0)
+        == counters.get("events", 0) + counters.get(f"recovered.{d}", 0)
+        for d in ("influxdb", "mqtt")
+    )
+
+
 def markdown(outcomes: list[Outcome]) -> str:
     lines = [
-        "| scenario | sent | down (s) | lost InfluxDB | lost MQTT | recovery InfluxDB (s) "
+        "| scenario | sent | down (s) | lost InfluxDB | lost MQTT | counted lost "
+        "| counters add up | recovery InfluxDB (s) "
         "| recovery MQTT (s) | MQTT duplicates | spool peak (MB) |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|",
     ]
     for o in outcomes:
         lost_mqtt = str(o.lost["mqtt"])
@@ -382,6 +409,7 @@ def markdown(outcomes: list[Outcome]) -> str:
             lost_mqtt += f" ({o.lost_port_closed} port closed, {o.lost_in_service} in the service)"
         lines.append(
             f"| {o.scenario} | {o.sent:,} | {o.down_seconds} | {o.lost['influxdb']} | {lost_mqtt} "
+            f"| {o.counters.get('dropped', 0)} | {'yes' if counters_add_up(o.counters) else 'NO'} "
             f"| {o.recovery_seconds['influxdb']} | {o.recovery_seconds['mqtt']} "
             f"| {o.duplicates} | {o.spool_peak_mb} |"
         )
