@@ -34,21 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 
-from benchmarks.e2e import TopicCounter
 from benchmarks.endtoend import (
     Bench,
     RunningService,
     Trial,
-    config_document,
-    own_spool,
+    bench_servers,
     run_trial,
 )
-from benchmarks.procs import ServiceProcesses
 from shared.corpus import make_corpus
-from shared.localservers import InfluxServer, MosquittoServer
-from tests.e2e.harness import SENSEFLOW, Service, udp_port
+from tests.e2e.harness import Service
 
 MODE = "influx+mqtt"
 WRITER = "writer"
@@ -92,64 +87,28 @@ def imported_files(tree: Path) -> list[str]:
     return files
 
 
-class TreeService(Service):
-    """`tests.e2e.harness.Service`, but run from `tree` (cwd and PYTHONPATH) instead of the
-    repository this file belongs to."""
-
-    def __init__(self, tree: Path, config: Path, log_path: Path, *flags: str) -> None:
-        self.tree = tree
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [*SENSEFLOW, "run", "--config", str(config), *flags],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=tree,
-            env=tree_environment(tree),
-            start_new_session=True,
-        )
-
-    def check_origin(self) -> None:
-        """The running supervisor's working directory and PYTHONPATH are the tree."""
-        pid = self.process.pid
-        cwd = Path(os.readlink(f"/proc/{pid}/cwd")).resolve()
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        pythonpath = next(
-            (e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"PYTHONPATH=")), ""
-        )
-        if cwd != self.tree.resolve() or pythonpath != str(self.tree):
-            raise RuntimeError(f"pid {pid} runs in {cwd} with PYTHONPATH={pythonpath!r}")
+def check_origin(service: Service, tree: Path) -> None:
+    """The running supervisor's working directory and PYTHONPATH are the tree."""
+    pid = service.process.pid
+    cwd = Path(os.readlink(f"/proc/{pid}/cwd")).resolve()
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    pythonpath = next(
+        (e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"PYTHONPATH=")), ""
+    )
+    if cwd != tree.resolve() or pythonpath != str(tree):
+        raise RuntimeError(f"pid {pid} runs in {cwd} with PYTHONPATH={pythonpath!r}")
 
 
-class TreeRunningService(RunningService):
+def tree_service(bench: Bench, tree: Path, workers: int) -> RunningService:
     """`benchmarks.endtoend.RunningService` (InfluxDB + MQTT, its own database, spool and
     subscriber) whose `senseflow run` comes from `tree`."""
-
-    def __init__(self, bench: Bench, tree: Path, label: str, workers: int) -> None:
-        self.bench = bench
-        self.mode = MODE
-        self.workers = workers
-        self.port = udp_port()
-        self.database = f"ab_{label}_{time.monotonic_ns()}"
-        tag = f"ab-{label}-w{workers}-{time.monotonic_ns()}"
-        config = bench.workdir / f"{tag}.yaml"
-        pipeline = own_spool(bench.workdir / f"{tag}.spool")
-        document = config_document(MODE, self.port, bench, self.database, None, pipeline)
-        config.write_text(yaml.safe_dump(document))
-        bench.influx.create_database(self.database)
-        self.counter = TopicCounter(bench.broker, bench.workdir / f"{tag}.mqtt")
-        self.tree_service = TreeService(
-            tree, config, bench.workdir / f"{tag}.log", "--workers", str(workers)
-        )
-        self.service = self.tree_service
-        self.processes = ServiceProcesses(self.service)
-        self.closed = False
-        try:
-            self.service.wait_running(60)
-            self.tree_service.check_origin()
-        except BaseException:
-            self.close()
-            raise
+    running = RunningService(bench, MODE, workers, tree=tree)
+    try:
+        check_origin(running.service, tree)
+    except BaseException:
+        running.close()
+        raise
+    return running
 
 
 # -- trials -------------------------------------------------------------------------------------
@@ -225,9 +184,9 @@ def run_rate(
     alternating which tree goes first (ABBA)."""
     records: list[dict[str, Any]] = []
     with ExitStack() as stack:
-        services: dict[str, TreeRunningService] = {}
+        services: dict[str, RunningService] = {}
         for tree in trees:
-            service = TreeRunningService(bench, tree.path, tree.label, workers)
+            service = tree_service(bench, tree.path, workers)
             stack.callback(service.close)
             services[tree.label] = service
             log(
@@ -373,12 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="senseflow-ab-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
-        influx = stack.enter_context(InfluxServer(workdir / "influxdb"))
-        broker = stack.enter_context(MosquittoServer(workdir / "mosquitto"))
-        log(
-            f"influxd pid {influx.pid} port {influx.port}, "
-            f"mosquitto pid {broker.pid} port {broker.port}"
-        )
+        influx, broker = stack.enter_context(bench_servers(workdir, log))
         pool = make_corpus(args.pool, seed=1)
         bench = Bench(workdir, influx, broker, pool, args.duration, args.drain_limit)
         for rate in args.rates:

@@ -33,7 +33,7 @@ from shared.config import Pipeline
 from shared.ipc import REPORT_INTERVAL
 from shared.loadgen import send
 from shared.localservers import InfluxServer, MosquittoServer
-from tests.e2e.harness import Service, influx_count, udp_port
+from tests.e2e.harness import REPO, Service, influx_count, udp_port
 
 EVERYTHING_TOPIC = "qliksense/userevent"
 PER_ACTION_TOPICS = (
@@ -138,7 +138,10 @@ class RunningService:
         env: dict[str, str] | None = None,
         count_mqtt: bool = True,
         pipeline: dict[str, Any] | None = None,
+        tree: Path | None = None,
     ) -> None:
+        """`env`: variables added to the service's environment; `tree`: run another
+        checkout's code (its directory as cwd and PYTHONPATH; benchmarks/ab.py)."""
         self.bench = bench
         self.mode = mode
         self.workers = workers
@@ -159,13 +162,17 @@ class RunningService:
             if mode == "influx+mqtt" and count_mqtt
             else None
         )
-        saved = dict(os.environ)
-        os.environ.update(env or {})
-        try:
-            self.service = Service(config, bench.workdir / f"{tag}.log", "--workers", str(workers))
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        environment = {**os.environ, **(env or {})}
+        if tree is not None:
+            environment["PYTHONPATH"] = str(tree)
+        self.service = Service(
+            config,
+            bench.workdir / f"{tag}.log",
+            "--workers",
+            str(workers),
+            cwd=tree or REPO,
+            env=environment,
+        )
         self.processes = ServiceProcesses(self.service)
         self.closed = False
         try:
@@ -232,6 +239,22 @@ class RunningService:
                 self.counter.stop()
             if self.mode != "discard":
                 self.bench.influx.query(f'DROP DATABASE "{self.database}"')
+
+
+@contextmanager
+def bench_servers(
+    workdir: Path, log: Callable[[str], None]
+) -> Iterator[tuple[InfluxServer, MosquittoServer]]:
+    """The run's own influxd and mosquitto, stopped at the end."""
+    with (
+        InfluxServer(workdir / "influxdb") as influx,
+        MosquittoServer(workdir / "mosquitto") as broker,
+    ):
+        log(
+            f"influxd pid {influx.pid} port {influx.port}, "
+            f"mosquitto pid {broker.pid} port {broker.port}"
+        )
+        yield influx, broker
 
 
 @contextmanager

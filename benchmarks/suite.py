@@ -41,13 +41,13 @@ from typing import Any
 import orjson
 
 from benchmarks import ceilings, endtoend, report
-from benchmarks.endtoend import Bench, RunningService, Trial
+from benchmarks.endtoend import Bench, RunningService, Trial, bench_servers
 from benchmarks.micro import machine
 from benchmarks.probes import influx_proxy, mqtt_subscriber
 from benchmarks.procs import flood_and_time, prefill_and_time
 from shared.config import load_config
 from shared.corpus import make_corpus
-from shared.localservers import InfluxServer, MosquittoServer, free_ports
+from shared.localservers import free_ports
 from tests.e2e.harness import REPO
 
 
@@ -426,12 +426,7 @@ def run_suite(
     results: dict[str, Any] = {"meta": meta(args, scale), "errors": []}
     with tempfile.TemporaryDirectory(prefix="senseflow-suite-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
-        influx = stack.enter_context(InfluxServer(workdir / "influxdb"))
-        broker = stack.enter_context(MosquittoServer(workdir / "mosquitto"))
-        log(
-            f"influxd pid {influx.pid} port {influx.port}, "
-            f"mosquitto pid {broker.pid} port {broker.port}"
-        )
+        influx, broker = stack.enter_context(bench_servers(workdir, log))
         pool = make_corpus(scale.pool, seed=1)
         bench = Bench(workdir, influx, broker, pool, scale.duration, scale.drain_limit)
         material = Material.build(bench, scale.sink_points)

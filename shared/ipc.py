@@ -69,16 +69,7 @@ class MessageChannel:
 
     def receive(self, timeout: float) -> bytes | None:
         """The next message, or None if none came within `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return self._recv.recv(self.max_message + 1, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            _wait(self._recv, select.POLLIN, remaining)
+        return self._next(timeout, socket.MSG_DONTWAIT)
 
     def peek(self, timeout: float) -> bytes | None:
         """The next message, left in the channel until `discard_next()`; None on timeout.
@@ -87,10 +78,13 @@ class MessageChannel:
         only once it has spooled and counted it, so that being killed in between loses
         nothing (its successor peeks the same batch again).
         """
+        return self._next(timeout, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+
+    def _next(self, timeout: float, flags: int) -> bytes | None:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return self._recv.recv(self.max_message + 1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+                return self._recv.recv(self.max_message + 1, flags)
             except (BlockingIOError, InterruptedError):
                 pass
             remaining = deadline - time.monotonic()

@@ -103,14 +103,24 @@ def merge(target: dict[str, Any], overrides: dict[str, Any]) -> None:
 class Service:
     """`senseflow run` as a child process group; always stopped by the fixture."""
 
-    def __init__(self, config: Path, log_path: Path, *flags: str) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log_path: Path,
+        *flags: str,
+        cwd: Path = REPO,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """`cwd` and `env` (default: this repository, this environment) say which code
+        runs; benchmarks/ab.py starts another tree's."""
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [*SENSEFLOW, "run", "--config", str(config), *flags],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            cwd=REPO,
+            cwd=cwd,
+            env=env,
             start_new_session=True,
         )
 

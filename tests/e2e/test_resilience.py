@@ -155,6 +155,20 @@ def peak_rss(service: Service) -> dict[str, float]:
     return {names.get(str(pid), str(pid)): peak_rss_mb(pid) for pid in service.group_pids()}
 
 
+def both_destinations(
+    tmp_path: Path, port: int, influx: InfluxServer, database: str, broker: MosquittoServer
+) -> Path:
+    """A config writing to InfluxDB and to the broker's everything topic only."""
+    return write_config(
+        tmp_path / "config.yaml",
+        port,
+        influx,
+        database,
+        broker,
+        butler_overrides=EVERYTHING_TOPIC_ONLY,
+    )
+
+
 def send_from(source: str, port: int, datagrams: list[bytes]) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((source, 0))
@@ -347,15 +361,9 @@ def test_writer_sigkill_mid_load_recovers_from_its_spool(
     subscriber = Subscriber(mosquitto_server, "qliksense/#", tmp_path / "mqtt.txt")
     try:
         port = udp_port()
-        config = write_config(
-            tmp_path / "config.yaml",
-            port,
-            influx_server,
-            influx_db,
-            mosquitto_server,
-            butler_overrides=EVERYTHING_TOPIC_ONLY,
+        running = service(
+            both_destinations(tmp_path, port, influx_server, influx_db, mosquitto_server)
         )
-        running = service(config)
         datagrams = marked_corpus(30_000, seed=14)
         sender = PacedSender(port, datagrams, rate=3000)
         sender.start()
@@ -473,15 +481,9 @@ def test_repeated_kills_of_writer_and_workers_keep_data_and_counters_exact(
     subscriber = Subscriber(mosquitto_server, "qliksense/#", tmp_path / "mqtt.txt")
     try:
         port = udp_port()
-        config = write_config(
-            tmp_path / "config.yaml",
-            port,
-            influx_server,
-            influx_db,
-            mosquitto_server,
-            butler_overrides=EVERYTHING_TOPIC_ONLY,
+        running = service(
+            both_destinations(tmp_path, port, influx_server, influx_db, mosquitto_server)
         )
-        running = service(config)
         datagrams = marked_corpus(24_000, seed=24)
         sender = PacedSender(port, datagrams, rate=3000)
         sender.start()
