@@ -461,6 +461,11 @@ def test_worker_killed_holding_a_batch_counts_exactly_that_batch_lost(
     assert influx_count(influx_server, influx_db) == counters["written.influxdb"]
     assert counters["written.influxdb"] == counters["events"]
     assert f"worker-0 died holding {counters['dropped.worker_crash']} datagram(s)" in running.log
+    print(
+        f"worker killed holding a batch: dropped.worker_crash={counters['dropped.worker_crash']}, "
+        f"queue_full={counters.get('dropped.queue_full', 0)}, events={counters['events']}, "
+        f"received={counters['received']}"
+    )
 
 
 def worker_state(pid: int) -> str:
