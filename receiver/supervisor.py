@@ -326,6 +326,8 @@ class Supervisor:
         self.channels.stop.set()
         if not self.wait_for(self.readers, deadline):
             return self.stop_now()
+        if not self.revive([self.writer], deadline):  # it takes what the workers finish
+            return self.stop_now()
         if not self.finish(self.workers, self.channels.raw, deadline):
             return self.stop_now()
         if not self.finish([self.writer], self.channels.encoded, deadline):

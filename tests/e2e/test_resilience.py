@@ -468,6 +468,26 @@ def test_worker_killed_holding_a_batch_counts_exactly_that_batch_lost(
     )
 
 
+def test_sigterm_right_after_a_writer_kill_restarts_it_to_drain(
+    tmp_path: Path, influx_server: InfluxServer, influx_db: str, service: StartService
+) -> None:
+    """The service is told to stop while its writer is dead and waiting for its restart:
+    the drain starts the writer again, delivers everything and exits 0."""
+    port = udp_port()
+    running = service(write_config(tmp_path / "config.yaml", port, influx_server, influx_db))
+    datagrams = make_corpus(10_000, seed=25)
+    PacedSender(port, datagrams, rate=5000).run()
+    (writer,) = running.child_pids("writer")
+    os.kill(writer, signal.SIGKILL)
+    running.wait_for_log(f"writer (pid {writer}) died")
+    assert running.terminate() == 0
+    assert len(running.child_pids("writer")) == 2  # started again by the drain
+    counters = running.counters()
+    assert_counters_add_up(counters, len(datagrams))
+    assert counters["events"] == len(datagrams)
+    assert influx_count(influx_server, influx_db) == counters["written.influxdb"] == len(datagrams)
+
+
 def worker_state(pid: int) -> str:
     """The process state letter from /proc (R running, S sleeping, T stopped)."""
     stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
