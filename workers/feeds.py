@@ -132,6 +132,15 @@ class Feed:
         self.next = max(self.next, dropped.cursor)
         return lost
 
+    def give_up_handed(self) -> int:
+        """At exit: records the spool gave up while the sink held them, and the sink did
+        not deliver, are dropped for this destination. Returns their events."""
+        lost = sum(self.handed_then_dropped.values())
+        if lost:
+            self.handed_then_dropped.clear()
+            self.counters.commit({self.dropped_key: lost, self.limbo_key: -lost})
+        return lost
+
 
 def cursor_key(destination: str) -> str:
     """Where the writer's counter block keeps a destination's spool cursor."""

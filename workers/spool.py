@@ -225,6 +225,11 @@ class Spool:
                     outcome.failed += rejected
                 elif seq in self.index:
                     outcome.unacked[seq] = self.index[seq].events
+            while outcome.cursor in acked:  # acknowledged ahead of the old cursor: passed too
+                done, rejected = acked.pop(outcome.cursor)
+                outcome.written += done
+                outcome.failed += rejected
+                outcome.cursor += 1
             dropped[destination] = outcome
             self.cursors[destination] = outcome.cursor
         self._moved = True

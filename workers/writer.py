@@ -327,6 +327,8 @@ class Writer:
         for sink in self.sinks:
             with contextlib.suppress(TimeoutError):  # undelivered: kept in the spool
                 await asyncio.wait_for(sink.close(), 1.0)
+        for feed in self.feeds:
+            feed.give_up_handed()  # no longer in the spool, and now not delivered either
         if self.spool is not None:
             self.spool.close()
         log.info("writer drained in %.2fs", time.monotonic() - started)

@@ -146,6 +146,22 @@ def test_drop_oldest_segment_reports_unacknowledged(tmp_path: Path) -> None:
     spool.close()
 
 
+def test_a_drop_moves_the_cursor_over_acks_already_past_the_dropped_segment(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path, DESTINATIONS, max_bytes=1500, segment_bytes=500)
+    fill(spool, 20)  # segments of 4 records: 0-3, 4-7, ...
+    spool.ack("mqtt", 4, 3, 0)  # acknowledged out of order, just past the first segment
+    spool.ack("mqtt", 5, 2, 1)
+    dropped = spool.drop_oldest_segment()["mqtt"]
+    assert dropped.cursor == spool.cursors["mqtt"] == 6  # not stuck at 4
+    assert (dropped.written, dropped.failed) == (5, 1)
+    passed = spool.ack("mqtt", 6, 3, 0)
+    assert passed is not None and passed.cursor == 7
+    spool.persist()
+    spool.close()
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(DESTINATIONS), st.integers(0, 29)), max_size=80))
 def test_cursor_is_first_unacknowledged_whatever_the_order(acks: list[tuple[str, int]]) -> None:
