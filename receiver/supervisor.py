@@ -28,7 +28,7 @@ from shared import exitcodes
 from shared.config import Config
 from shared.counters import SharedCounters, new_block, sum_counters, summary_line
 from shared.events import RAW_ENCODER, EncodedBatch
-from shared.ipc import STOP, Channels, MessageChannel, drain_reports
+from shared.ipc import REPORTS_CAPACITY, STOP, Channels, Flag, MessageChannel, drain_reports
 from workers.appnames import AppNamesPublisher
 
 log = logging.getLogger("senseflow.supervisor")
@@ -122,8 +122,8 @@ class Supervisor:
                     pipe.queue_size * pipe.reader_batch_size * ENCODED_BYTES_PER_EVENT,
                 )
             ),
-            reports=self.context.Queue(),
-            stop=self.context.Event(),
+            reports=MessageChannel(REPORTS_CAPACITY),
+            stop=Flag(self.context),
             app_names_path=self.app_names.path,
         )
         self.totals: dict[str, int] = {}
@@ -338,16 +338,19 @@ class Supervisor:
 
     def finish(self, group: list[Child], channel: MessageChannel, deadline: float) -> bool:
         """Send each child of the group a STOP behind everything queued and wait for it to
-        exit; one that dies instead (its work still queued) is restarted and stopped again."""
+        exit; one that dies instead (its work still queued) is restarted and stopped again.
+        Meanwhile the writer is kept running: whatever the workers finish goes to it."""
+        workers = group is self.workers
         stopping = group
         while True:
             if not self.revive(stopping, deadline):
                 return False
-            if group == [self.writer]:
+            if not workers:
                 self.send_fences(max(0.0, deadline - time.monotonic()))
             for _ in stopping:
-                channel.send(STOP)
-            if not self.wait_for(group, deadline):
+                if not self.send_stop(channel, deadline):
+                    return False
+            if not self.wait_for(group, deadline, keep_writer=workers):
                 return False
             stopping = [c for c in group if c.process is not None and c.process.exitcode != 0]
             if not stopping:
@@ -359,6 +362,20 @@ class Supervisor:
                 if child in self.workers:
                     self.settle_worker(child)
 
+    def send_stop(self, channel: MessageChannel, deadline: float) -> bool:
+        """Queue a STOP, waiting for room (the writer kept alive) until the deadline."""
+        while not channel.send(STOP, timeout=0.5):
+            self.read_reports(0.0)
+            if time.monotonic() > deadline or len(self.signals) > 1:
+                log.error("graceful timeout: no room to queue a stop message")
+                return False
+            if not self.keep_writer(deadline):
+                return False
+        return True
+
+    def keep_writer(self, deadline: float) -> bool:
+        return self.writer.alive or self.revive([self.writer], deadline)
+
     def revive(self, group: list[Child], deadline: float) -> bool:
         """Start now what is dead and waiting for its restart: a drain needs every worker
         (or at least one) and the writer to finish what was read."""
@@ -368,7 +385,8 @@ class Supervisor:
         for child in dead:
             if child in self.workers:
                 self.settle_worker(child)  # idempotent: a settled worker holds nothing
-        self.send_fences(max(0.0, deadline - time.monotonic()))
+        if self.fences and self.writer.alive:  # before any successor's sends
+            self.send_fences(max(0.0, deadline - time.monotonic()))
         for child in dead:
             child.restart_at = 0.0
             child.spawn(self.context)
@@ -379,9 +397,11 @@ class Supervisor:
                 return False
         return True
 
-    def wait_for(self, group: list[Child], deadline: float) -> bool:
+    def wait_for(self, group: list[Child], deadline: float, keep_writer: bool = False) -> bool:
         while any(child.alive for child in group):
             self.read_reports(0.1)
+            if keep_writer and not self.keep_writer(deadline):
+                return False
             if len(self.signals) > 1:
                 log.warning("second signal: stopping now")
                 return False

@@ -9,16 +9,17 @@ a full channel blocks a worker's send (backpressure) and fails a receiver's non-
 send, which the receiver counts as a drop.
 
 Reports (readiness, fatal errors, latency and event-count telemetry) go to the supervisor
-over a plain `multiprocessing.Queue`; counters do not: they live in shared memory
-(`shared.counters.SharedCounters`), so that a killed child loses none.
+over a `MessageChannel` too; counters do not: they live in shared memory
+(`shared.counters.SharedCounters`), so that a killed child loses none. Nothing here takes a
+lock that a process killed at the wrong instant could keep.
 """
 
 from __future__ import annotations
 
-import multiprocessing.queues
-import multiprocessing.synchronize
+import ctypes
+import logging
 import os
-import queue
+import pickle
 import select
 import socket
 import threading
@@ -124,29 +125,55 @@ def _wait(sock: socket.socket, event: int, timeout: float) -> None:
     poller.poll(max(0, int(timeout * 1000)))
 
 
+class Flag:
+    """A flag in shared memory: set with one store, read with one load, no lock. (A
+    `multiprocessing.Event` takes a lock that a child killed while holding it never
+    gives back, and the supervisor's `set()` would then wait forever.)"""
+
+    def __init__(self, context: Any) -> None:
+        self._value = context.RawValue(ctypes.c_int, 0)
+
+    def set(self) -> None:
+        self._value.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
+
+
 @dataclass(frozen=True)
 class Channels:
     raw: MessageChannel
     encoded: MessageChannel
-    reports: multiprocessing.queues.Queue[tuple[str, str, Any]]
-    stop: multiprocessing.synchronize.Event
+    reports: MessageChannel
+    """Children -> supervisor: one pickled (name, kind, payload) per datagram; like the
+    batch channels, nothing a killed child leaves behind can block the others."""
+    stop: Flag
     app_names_path: str = ""
     """Where the supervisor publishes the app names it fetches from QRS ('' when it does not)."""
 
 
+REPORTS_CAPACITY = 4 * 1024 * 1024
+REPORT_SEND_TIMEOUT = 5.0
+
+
 def report(channels: Channels, name: str, kind: str, payload: Any = None) -> None:
     """kind: "ready", "fatal" (one line), "delivery" or "event_counts" (telemetry)."""
-    channels.reports.put((name, kind, payload))
+    message = pickle.dumps((name, kind, payload), pickle.HIGHEST_PROTOCOL)
+    if not channels.reports.send(message, timeout=REPORT_SEND_TIMEOUT):
+        logging.getLogger("senseflow.ipc").warning(
+            "the supervisor took no report for %.0fs; dropped a %r report",
+            REPORT_SEND_TIMEOUT,
+            kind,
+        )
 
 
-def drain_reports(reports: multiprocessing.queues.Queue[Any], timeout: float) -> list[Any]:
+def drain_reports(reports: MessageChannel, timeout: float) -> list[Any]:
+    """Every report waiting, after waiting up to `timeout` s for the first one."""
     items = []
-    try:
-        items.append(reports.get(timeout=timeout))
-        while True:
-            items.append(reports.get_nowait())
-    except queue.Empty:
-        pass
+    message = reports.receive(timeout)
+    while message is not None:
+        items.append(pickle.loads(message))
+        message = reports.receive(0.0)
     return items
 
 

@@ -16,7 +16,7 @@ import pytest
 from shared.config import Config, config_from_document
 from shared.counters import SharedCounters, new_block, sum_counters
 from shared.events import RAW_ENCODER, EncodedBatch
-from shared.ipc import Channels, MessageChannel
+from shared.ipc import Channels, Flag, MessageChannel
 from workers.spool import Spool
 from workers.writer import SPOOLED, Writer
 
@@ -106,8 +106,8 @@ def make_writer(config: Config, block: Any) -> Writer:
     channels = Channels(
         raw=MessageChannel(1 << 20),
         encoded=MessageChannel(1 << 20),
-        reports=CONTEXT.Queue(),
-        stop=CONTEXT.Event(),
+        reports=MessageChannel(1 << 20),
+        stop=Flag(CONTEXT),
     )
     writer = Writer(config, channels, SharedCounters(block))
     WRITERS.append(writer)
