@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from shared.counters import Counting
 from shared.events import EncodedBatch
@@ -64,3 +66,53 @@ class Sink(Protocol):
 
     async def close(self) -> None:
         """Flush, then release connections."""
+
+
+class Countable(Protocol):
+    @property
+    def count(self) -> int: ...
+
+
+C = TypeVar("C", bound=Countable)
+
+
+class ChunkQueue(Generic[C]):
+    """Chunks of events waiting for one sender, in order.
+
+    Events go into `current` until the owner `cut()`s it (full, or on its flush timer);
+    the sender takes `await next()`, which stays first in `ready` while it is delivered,
+    then `done()`; `flush()` waits until everything taken so far is done. `pending`
+    counts the events in it, for the owner's bound."""
+
+    def __init__(self, new_chunk: Callable[[], C]) -> None:
+        self.new_chunk = new_chunk
+        self.current = new_chunk()
+        self.ready: deque[C] = deque()
+        self.pending = 0
+        self.wake = asyncio.Event()
+        self.idle = asyncio.Event()
+
+    def cut(self) -> None:
+        if self.current.count:
+            self.ready.append(self.current)
+            self.current = self.new_chunk()
+            self.wake.set()
+
+    async def next(self) -> C:
+        while not self.ready:
+            self.idle.set()
+            self.wake.clear()
+            await self.wake.wait()
+        self.idle.clear()
+        return self.ready[0]
+
+    def done(self) -> C:
+        chunk = self.ready.popleft()
+        self.pending -= chunk.count
+        return chunk
+
+    async def flush(self) -> None:
+        self.cut()
+        while self.ready:
+            self.idle.clear()
+            await self.idle.wait()

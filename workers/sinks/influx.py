@@ -13,7 +13,6 @@ import asyncio
 import base64
 import json
 import logging
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +24,13 @@ from shared.config import Config, InfluxdbConfig
 from shared.counters import Counting
 from shared.events import EncodedBatch
 from shared.tasks import cancel_all, spawn
-from workers.sinks.base import Acknowledge, DestinationUnreachable, counting_acks, share_failures
+from workers.sinks.base import (
+    Acknowledge,
+    ChunkQueue,
+    DestinationUnreachable,
+    counting_acks,
+    share_failures,
+)
 
 log = logging.getLogger("senseflow.influxdb")
 
@@ -230,13 +235,9 @@ class InfluxSink:
         self.batch_size = pipe.batch_size
         self.flush_interval = pipe.flush_interval / 1000
         self.max_pending = max(pipe.pending_events, self.batch_size * 2)
-        self.current = Chunk()
-        self.ready: deque[Chunk] = deque()
-        self.pending = 0
+        self.chunks = ChunkQueue(Chunk)
         self.backoff = Backoff()
-        self.wake = asyncio.Event()
         self.room = asyncio.Event()
-        self.idle = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -250,40 +251,29 @@ class InfluxSink:
         if not batch.received_ns:
             self.on_ack([(seq, 0, 0)])
             return
-        while self.pending >= self.max_pending:
+        chunks = self.chunks
+        while chunks.pending >= self.max_pending:
             self.room.clear()
             await self.room.wait()
-        self.current.lines.append(batch.lines)
-        self.current.received_ns.extend(batch.received_ns)
-        self.current.seqs.append(seq)
-        self.current.seq_events.append(len(batch.received_ns))
-        self.pending += len(batch.received_ns)
-        if self.current.count >= self.batch_size:
-            self._cut()
-
-    def _cut(self) -> None:
-        if self.current.count:
-            self.ready.append(self.current)
-            self.current = Chunk()
-            self.wake.set()
+        current = chunks.current
+        current.lines.append(batch.lines)
+        current.received_ns.extend(batch.received_ns)
+        current.seqs.append(seq)
+        current.seq_events.append(len(batch.received_ns))
+        chunks.pending += len(batch.received_ns)
+        if current.count >= self.batch_size:
+            chunks.cut()
 
     async def _timer_loop(self) -> None:
         while True:
             await asyncio.sleep(self.flush_interval)
-            self._cut()
+            self.chunks.cut()
 
     async def _send_loop(self) -> None:
         while True:
-            if not self.ready:
-                self.idle.set()
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            self.idle.clear()
-            chunk = self.ready[0]
+            chunk = await self.chunks.next()
             failed = await self._deliver(chunk.lines, chunk.received_ns)
-            self.ready.popleft()
-            self.pending -= chunk.count
+            self.chunks.done()
             self.room.set()
             self.on_ack(share_failures(chunk.seqs, chunk.seq_events, failed))
 
@@ -323,10 +313,7 @@ class InfluxSink:
             self.on_delivered(NAME, received_ns)
 
     async def flush(self) -> None:
-        self._cut()
-        while self.ready:
-            self.idle.clear()
-            await self.idle.wait()
+        await self.chunks.flush()
 
     async def close(self) -> None:
         await self.flush()

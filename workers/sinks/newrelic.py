@@ -30,7 +30,6 @@ import gzip
 import logging
 import ssl
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -42,7 +41,7 @@ from shared.counters import Counting
 from shared.events import EncodedBatch
 from shared.logs import RateLimitedLog
 from shared.tasks import cancel_all, spawn
-from workers.sinks.base import Acknowledge, DestinationUnreachable, counting_acks
+from workers.sinks.base import Acknowledge, ChunkQueue, DestinationUnreachable, counting_acks
 
 log = logging.getLogger("senseflow.newrelic")
 
@@ -100,37 +99,28 @@ class Account:
         self.name = name
         self.url = url
         self.headers = headers
-        self.current = Chunk()
-        self.ready: deque[Chunk] = deque()
-        self.pending = 0
+        self.chunks = ChunkQueue(Chunk)
         self.backoff = Backoff(base=0.1, cap=30.0)
         self.failed_open = 0  # rejected events of batches whose last chunk is still to come
-        self.wake = asyncio.Event()
-        self.idle = asyncio.Event()
 
     def add(self, events: list[bytes], received_ns: list[int], key: int) -> None:
+        chunks = self.chunks
         size = sum(map(len, events))
-        if self.current.has_room(len(events), size):
-            self.current.events.extend(events)
-            self.current.received_ns.extend(received_ns)
-            self.current.size += size
+        if chunks.current.has_room(len(events), size):
+            chunks.current.events.extend(events)
+            chunks.current.received_ns.extend(received_ns)
+            chunks.current.size += size
         else:
             for event, ns in zip(events, received_ns, strict=True):
-                if not self.current.has_room(1, len(event)):
-                    self.cut()
-                self.current.events.append(event)
-                self.current.received_ns.append(ns)
-                self.current.size += len(event)
-        self.pending += len(events)
-        self.current.batches.append(key)
-        if not self.current.has_room(1, 0):
-            self.cut()
-
-    def cut(self) -> None:
-        if self.current.count:
-            self.ready.append(self.current)
-            self.current = Chunk()
-            self.wake.set()
+                if not chunks.current.has_room(1, len(event)):
+                    chunks.cut()
+                chunks.current.events.append(event)
+                chunks.current.received_ns.append(ns)
+                chunks.current.size += len(event)
+        chunks.pending += len(events)
+        chunks.current.batches.append(key)
+        if not chunks.current.has_room(1, 0):
+            chunks.cut()
 
 
 def request_headers(config: Config) -> dict[str, str]:
@@ -246,7 +236,7 @@ class NewRelicSink:
         if not events or not self.accounts:
             self.on_ack([(seq, 0, 0)])
             return
-        while any(a.pending >= self.max_pending for a in self.accounts):
+        while any(a.chunks.pending >= self.max_pending for a in self.accounts):
             self.room.clear()
             await self.room.wait()
         key = self.next_key
@@ -274,10 +264,7 @@ class NewRelicSink:
 
     async def flush(self) -> None:
         for account in self.accounts:
-            account.cut()
-            while account.ready:
-                account.idle.clear()
-                await account.idle.wait()
+            await account.chunks.flush()
 
     async def close(self) -> None:
         await self.flush()
@@ -291,20 +278,13 @@ class NewRelicSink:
         while True:
             await asyncio.sleep(self.flush_interval)
             for account in self.accounts:
-                account.cut()
+                account.chunks.cut()
 
     async def _send_loop(self, account: Account) -> None:
         while True:
-            if not account.ready:
-                account.idle.set()
-                account.wake.clear()
-                await account.wake.wait()
-                continue
-            account.idle.clear()
-            chunk = account.ready[0]
+            chunk = await account.chunks.next()
             failed = await self._deliver(account, chunk.events, chunk.received_ns)
-            account.ready.popleft()
-            account.pending -= chunk.count
+            account.chunks.done()
             self.room.set()
             self._chunk_done(account, chunk, failed)
 
