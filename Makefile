@@ -28,8 +28,8 @@ test-fast: install
 	$(BIN)/pytest -q -m "not slow"
 
 lint: install
-	$(BIN)/ruff check receiver workers shared tests benchmarks
-	$(BIN)/ruff format --check receiver workers shared tests benchmarks
+	$(BIN)/ruff check senseflow receiver workers shared tests benchmarks
+	$(BIN)/ruff format --check senseflow receiver workers shared tests benchmarks
 	$(BIN)/mypy
 
 # The benchmark suite (benchmarks/suite.py): its own influxd and mosquitto, ceilings, receiver

@@ -42,15 +42,20 @@ from benchmarks.endtoend import (
     bench_servers,
     run_trial,
 )
-from shared.corpus import make_corpus
+from senseflow.commands.corpus import make_corpus
 from tests.e2e.harness import Service
 
 MODE = "influx+mqtt"
 WRITER = "writer"
-IMPORT_CHECK = (
-    "import receiver.cli, workers.writer, shared.config; "
-    "print(receiver.cli.__file__); print(workers.writer.__file__); print(shared.config.__file__)"
-)
+IMPORT_CHECK = """
+import importlib
+for name in ("senseflow.cli", "receiver.cli", "workers.writer", "shared.config"):
+    try:
+        print(importlib.import_module(name).__file__)
+    except ModuleNotFoundError:
+        pass
+"""
+"""Where the tree's CLI (either layout), writer and config come from."""
 
 
 def log(message: str) -> None:

@@ -30,7 +30,7 @@ from benchmarks.e2e import TopicCounter
 from shared.config import Config
 from shared.counters import Counters
 from shared.events import EncodedBatch, RawBatch
-from shared.localservers import InfluxServer, MosquittoServer, free_ports
+from tests.localservers import InfluxServer, MosquittoServer, free_ports
 from workers.pipeline import EventPipeline
 
 INFLUX_BATCH = 5000
@@ -192,7 +192,7 @@ def _timed_publish(
 
 def publish_ours(config: Config, batches: list[EncodedBatch]) -> dict[str, Any]:
     """Our MqttSink, as the writer drives it: write_batch per worker batch, then flush."""
-    from workers.sinks.mqtt import MqttSink
+    from workers.writer.sinks.mqtt import MqttSink
 
     async def run() -> None:
         sink = MqttSink(config, Counters())

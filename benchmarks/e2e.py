@@ -1,6 +1,6 @@
 """End-to-end throughput: the highest steady rate at which every datagram arrives.
 
-Starts its own influxd and mosquitto (shared/localservers.py), then for each `--workers`
+Starts its own influxd and mosquitto (tests/localservers.py), then for each `--workers`
 value runs a bounded search: a trial starts `senseflow run`, sends `--count` datagrams at a
 steady rate with `senseflow send`'s engine, waits for the service to finish writing,
 and counts what arrived (InfluxDB `SELECT count(*)`, MQTT messages on the everything
@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.corpus import make_corpus
-from shared.loadgen import send
-from shared.localservers import InfluxServer, MosquittoServer
+from senseflow.commands.corpus import make_corpus
+from senseflow.commands.send import send
 from tests.e2e.harness import Service, influx_count, udp_port, write_config
+from tests.localservers import InfluxServer, MosquittoServer
 
 EVERYTHING_TOPIC = "qliksense/userevent"
 

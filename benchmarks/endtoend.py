@@ -3,7 +3,7 @@
 One `senseflow run` serves several trials (starting one costs seconds on this machine);
 between trials the suite waits until the service has caught up (`settle`), so that a
 trial never inherits the backlog of the one before. Datagrams are sent in-process by the
-engine of `senseflow send` (`shared.loadgen.send`) from one corpus built once.
+engine of `senseflow send` (`senseflow.commands.send.send`) from one corpus built once.
 
 Modes (what the service writes to):
 - `influx`: InfluxDB 1.x only;
@@ -29,11 +29,11 @@ import yaml
 
 from benchmarks.e2e import TopicCounter
 from benchmarks.procs import MachineLoad, RssSampler, ServiceProcesses, cpu_delta, rss_mb
+from senseflow.commands.send import send
 from shared.config import Pipeline
 from shared.ipc import REPORT_INTERVAL
-from shared.loadgen import send
-from shared.localservers import InfluxServer, MosquittoServer
 from tests.e2e.harness import REPO, Service, influx_count, udp_port
+from tests.localservers import InfluxServer, MosquittoServer
 
 EVERYTHING_TOPIC = "qliksense/userevent"
 PER_ACTION_TOPICS = (

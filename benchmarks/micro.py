@@ -1,6 +1,6 @@
 """Micro-benchmark of a worker's CPU work: parse + enrich + encode, in µs per event.
 
-Runs `EventPipeline.process_batch` on batches of 500 datagrams from `shared.corpus`,
+Runs `EventPipeline.process_batch` on batches of 500 datagrams from `senseflow.commands.corpus`,
 with InfluxDB, MQTT and New Relic all enabled, and times:
 
 - `batch warm`: the whole hot path with a warm user-agent cache (the normal case);
@@ -41,8 +41,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from senseflow.commands.corpus import USER_AGENTS, app_names, make_corpus
 from shared.config import Config, config_from_document
-from shared.corpus import USER_AGENTS, app_names, make_corpus
 from shared.events import RawBatch, UserEvent
 from workers.parse import parse_datagram
 from workers.pipeline import EventPipeline

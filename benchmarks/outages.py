@@ -52,8 +52,7 @@ from typing import Any
 
 import orjson
 
-from shared.corpus import make_corpus
-from shared.localservers import InfluxServer, MosquittoServer
+from senseflow.commands.corpus import make_corpus
 from tests.e2e.harness import (
     EVERYTHING_TOPIC_ONLY,
     PacedSender,
@@ -64,6 +63,7 @@ from tests.e2e.harness import (
     udp_port,
     write_config,
 )
+from tests.localservers import InfluxServer, MosquittoServer
 
 SCENARIOS = ("influxdb", "broker", "writer", "worker", "service", "rss")
 TOPIC = b"qliksense/userevent "

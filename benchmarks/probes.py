@@ -35,7 +35,7 @@ import time
 from array import array
 from pathlib import Path
 
-from workers.sinks import mqtt_protocol as proto
+from workers.writer.sinks import mqtt_protocol as proto
 
 _LINE_TIME = re.compile(rb" (\d+)\n")
 _TIMESTAMP = re.compile(rb'"timestamp":"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})Z"')

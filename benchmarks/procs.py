@@ -160,7 +160,7 @@ class Sender:
         command = [
             sys.executable,
             "-m",
-            "receiver.cli",
+            "senseflow.cli",
             "send",
             "--host",
             "127.0.0.1",

@@ -1,6 +1,6 @@
 """The benchmark suite: senseflow against real InfluxDB and Mosquitto, in one run.
 
-Starts its own influxd and mosquitto (shared/localservers.py) and measures, in order:
+Starts its own influxd and mosquitto (tests/localservers.py) and measures, in order:
 
 1. ceilings: socket (a bare uvloop loop that only counts, flooded by `senseflow send`),
    sink (InfluxDB taking pre-encoded line protocol in batches of 5,000) and broker (the
@@ -45,10 +45,10 @@ from benchmarks.endtoend import Bench, RunningService, Trial, bench_servers
 from benchmarks.micro import machine
 from benchmarks.probes import influx_proxy, mqtt_subscriber
 from benchmarks.procs import flood_and_time, prefill_and_time
+from senseflow.commands.corpus import make_corpus
 from shared.config import load_config
-from shared.corpus import make_corpus
-from shared.localservers import free_ports
 from tests.e2e.harness import REPO
+from tests.localservers import free_ports
 
 
 @dataclass(frozen=True)

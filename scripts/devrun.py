@@ -25,7 +25,7 @@ MQTT_PORT = 1883
 UDP_PORT = int(os.environ.get("UDP_PORT", "9997"))
 
 sys.path.insert(0, str(REPO))
-from shared.localservers import InfluxServer, MosquittoServer  # noqa: E402
+from tests.localservers import InfluxServer, MosquittoServer  # noqa: E402
 
 
 def influx_answers(port: int) -> bool:
@@ -101,7 +101,7 @@ def main() -> int:
         started = start_local_servers()
     print(f"make run: senseflow run --config {config}   (Ctrl-C to stop)")
     service = subprocess.Popen(
-        [sys.executable, "-m", "receiver.cli", "run", "--config", config], cwd=REPO
+        [sys.executable, "-m", "senseflow.cli", "run", "--config", config], cwd=REPO
     )
     signal.signal(signal.SIGINT, lambda *_: service.send_signal(signal.SIGINT))
     signal.signal(signal.SIGTERM, lambda *_: service.send_signal(signal.SIGTERM))

@@ -248,7 +248,7 @@ class MqttOptions(Own, frozen=True):
 
 
 class SpoolOptions(Own, frozen=True):
-    """The writer's on-disk spool (workers/spool.py): everything waits there, bounded."""
+    """The writer's on-disk spool (workers/writer/spool.py): everything waits there, bounded."""
 
     directory: str = "spool"
     """Relative paths are relative to the working directory."""

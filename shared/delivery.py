@@ -120,7 +120,7 @@ class DeliveryTracker:
         self.last_progress = dict.fromkeys(self.destinations, now)
 
     def use_spool(self, spool: Any) -> None:
-        """Count the events waiting per destination in `spool` (a workers.spool.Spool:
+        """Count the events waiting per destination in `spool` (a workers.writer.spool.Spool:
         its unacknowledged records), and report its size."""
         self.spool = spool
 

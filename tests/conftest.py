@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.localservers import InfluxServer, MosquittoServer
+from tests.localservers import InfluxServer, MosquittoServer
 
 
 @pytest.fixture(scope="session")

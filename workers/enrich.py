@@ -8,11 +8,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TypeVar
 
+import msgspec
 import ua_parser
 import yaml
 from ua_parser import Domain
 
-from shared.config import Config
+from shared.config import Config, ConfigError
 from shared.events import UserEvent
 
 _GUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
@@ -155,3 +156,14 @@ def load_app_names(path: str | Path) -> dict[str, str]:
         else:
             raise ValueError(f"{path}: expected a mapping of app id to name")
     return {app_id.strip().lower(): name for app_id, name in pairs}
+
+
+def configured_app_names(config: Config) -> dict[str, str]:
+    """The `senseflow.appNamesFile` mapping ({} when none); a bad file is a ConfigError."""
+    path = config.pipeline.app_names_file
+    if not path:
+        return {}
+    try:
+        return load_app_names(path)
+    except (OSError, ValueError, KeyError, msgspec.ValidationError) as exc:
+        raise ConfigError([f"senseflow.appNamesFile: cannot load {path}: {exc}"]) from exc

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from shared.localservers import InfluxServer, MosquittoServer
 from tests.e2e.harness import Service, Subscriber, udp_port, write_config
+from tests.localservers import InfluxServer, MosquittoServer
 
 StartService = Callable[..., Service]
 

@@ -19,9 +19,19 @@ from typing import Any
 
 import yaml
 
-from shared.localservers import InfluxServer, MosquittoServer, free_ports
+from tests.localservers import InfluxServer, MosquittoServer, free_ports
 
-SENSEFLOW = [sys.executable, "-m", "receiver.cli"]
+SENSEFLOW = [sys.executable, "-m", "senseflow.cli"]
+
+
+def cli_of(tree: Path) -> list[str]:
+    """The command line of a code tree's CLI: `senseflow.cli`, or `receiver.cli` in trees
+    from before the control plane had its own package (benchmarks/ab.py runs those)."""
+    if (tree / "senseflow" / "cli.py").exists():
+        return SENSEFLOW
+    return [sys.executable, "-m", "receiver.cli"]
+
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -116,7 +126,7 @@ class Service:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [*SENSEFLOW, "run", "--config", str(config), *flags],
+            [*cli_of(cwd), "run", "--config", str(config), *flags],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=cwd,
@@ -374,8 +384,8 @@ def spool_usage(directory: Path) -> tuple[int, int]:
 
 def spooled_events(directory: Path) -> int:
     """Events in the complete records of a spool's segments, read only: the writer's own
-    recovery (workers.spool.Spool) would cut off a record being appended right now."""
-    header = struct.Struct("<IIQI")  # length, crc32, seq, events: workers/spool.py HEADER
+    recovery (workers.writer.spool.Spool) would cut off a record being appended right now."""
+    header = struct.Struct("<IIQI")  # length, crc32, seq, events: workers/writer/spool.py HEADER
     events = 0
     for segment in sorted(directory.glob("segment-*.log")):
         try:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.localservers import InfluxServer, free_ports
+from tests.localservers import InfluxServer, free_ports
 
 T = TypeVar("T")
 

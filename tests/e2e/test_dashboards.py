@@ -18,13 +18,13 @@ from typing import Any, cast
 import pytest
 import yaml
 
-from shared.corpus import app_names, make_corpus
-from shared.loadgen import send
-from shared.localservers import InfluxServer
+from senseflow.commands.corpus import app_names, make_corpus
+from senseflow.commands.send import send
 from tests.e2e.conftest import StartService
 from tests.e2e.harness import REPO
 from tests.e2e.observe import metrics_flags, scrape, series_sum, wait_for
 from tests.e2e.test_observability import STATS
+from tests.localservers import InfluxServer
 
 pytestmark = pytest.mark.slow
 

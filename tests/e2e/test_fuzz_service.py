@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.corpus import make_corpus
-from shared.localservers import InfluxServer, MosquittoServer
+from senseflow.commands.corpus import make_corpus
 from tests.e2e.harness import (
     PacedSender,
     Service,
@@ -27,6 +26,7 @@ from tests.e2e.harness import (
     write_config,
 )
 from tests.e2e.test_resilience import receive_drops
+from tests.localservers import InfluxServer, MosquittoServer
 
 pytestmark = pytest.mark.slow
 

@@ -13,12 +13,12 @@ from typing import Any
 import orjson
 import pytest
 
-from shared.corpus import make_corpus
-from shared.loadgen import send
-from shared.localservers import InfluxServer, MosquittoServer, free_ports
+from senseflow.commands.corpus import make_corpus
+from senseflow.commands.send import send
 from tests.e2e.conftest import StartService
 from tests.e2e.harness import REPO, SENSEFLOW, Service, influx_count, udp_port, write_config
 from tests.e2e.observe import health, metrics_flags, scrape, series_sum, value, wait_for
+from tests.localservers import InfluxServer, MosquittoServer, free_ports
 from workers.parse import parse_datagram
 
 pytestmark = pytest.mark.slow

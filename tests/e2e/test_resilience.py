@@ -23,9 +23,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from shared.corpus import make_corpus
-from shared.loadgen import send
-from shared.localservers import InfluxServer, MosquittoServer
+from senseflow.commands.corpus import make_corpus
+from senseflow.commands.send import send
 from tests.e2e.harness import (
     EVERYTHING_TOPIC_ONLY,
     PacedSender,
@@ -39,6 +38,7 @@ from tests.e2e.harness import (
     udp_port,
     write_config,
 )
+from tests.localservers import InfluxServer, MosquittoServer
 from workers.parse import parse_datagram
 
 pytestmark = pytest.mark.slow

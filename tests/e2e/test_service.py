@@ -11,11 +11,11 @@ from collections import Counter
 import orjson
 import pytest
 
+from senseflow.commands.corpus import make_corpus
 from shared.config import Config
-from shared.corpus import make_corpus
-from shared.localservers import InfluxServer
 from tests.e2e.conftest import StartService
 from tests.e2e.harness import Subscriber, influx_count, send_paced
+from tests.localservers import InfluxServer
 from workers.pipeline import EventPipeline
 
 TOPIC = "qliksense/userevent"

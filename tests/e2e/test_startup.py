@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from shared import exitcodes
-from shared.localservers import InfluxServer, MosquittoServer, free_ports
 from tests.e2e.harness import Service, influx_count, send_paced, udp_port, write_config
+from tests.localservers import InfluxServer, MosquittoServer, free_ports
 
 pytestmark = pytest.mark.slow
 

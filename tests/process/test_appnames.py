@@ -27,9 +27,16 @@ from typing import Any
 
 import pytest
 
+from senseflow.appnames import (
+    QRS_PORT,
+    QRS_USER,
+    AppNamesPublisher,
+    QrsClient,
+    qrs_tls_context,
+)
 from shared.config import Config, ConfigError, config_from_document
-from shared.localservers import InfluxServer
 from tests.e2e.harness import Service, send_paced, udp_port, write_config
+from tests.localservers import InfluxServer
 from tests.process.tls import (
     Identity,
     TlsHttpServer,
@@ -38,14 +45,7 @@ from tests.process.tls import (
     port_is_free,
     server_context,
 )
-from workers.appnames import (
-    QRS_PORT,
-    QRS_USER,
-    AppNamesPublisher,
-    AppNamesWatcher,
-    QrsClient,
-    qrs_tls_context,
-)
+from workers.appnames import AppNamesWatcher
 
 APP_SALES = "6f1d6b4e-3c4a-4a52-9c1e-1d2f3a4b5c6d"
 APP_HR = "0A1B2C3D-4E5F-4061-8273-94A5B6C7D8E9"  # QRS answers in lower case; be lenient

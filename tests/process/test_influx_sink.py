@@ -1,4 +1,4 @@
-"""workers/sinks/influx.py against a real InfluxDB 1.x and, for 2.x/3.x, a recording stand-in.
+"""workers/writer/sinks/influx.py against a real InfluxDB 1.x and, for 2.x/3.x, a recording stand-in.
 
 The stand-in is a plain `http.server` on loopback that records every request and answers
 /write and /api/v2/write from a script; it is used only where the test influxd cannot
@@ -30,9 +30,9 @@ from shared.backoff import Backoff
 from shared.config import Config, config_from_document
 from shared.counters import Counters
 from shared.events import EncodedBatch
-from shared.localservers import LOOPBACK, InfluxServer, free_ports
-from workers.sinks.base import DestinationUnreachable
-from workers.sinks.influx import InfluxSink
+from tests.localservers import LOOPBACK, InfluxServer, free_ports
+from workers.writer.sinks.base import DestinationUnreachable
+from workers.writer.sinks.influx import InfluxSink
 
 T0 = 1_700_000_000_000_000_000
 WAIT = 10.0  # upper bound for anything awaited; tests finish far sooner

@@ -1,4 +1,4 @@
-"""workers/sinks/mqtt.py against a real mosquitto 2.0, checked by an independent subscriber.
+"""workers/writer/sinks/mqtt.py against a real mosquitto 2.0, checked by an independent subscriber.
 
 The subscriber is an aiomqtt client on a thread and event loop of its own: it keeps
 receiving while the sink's loop is deliberately held (a broker restart is made
@@ -29,10 +29,10 @@ from shared.backoff import Backoff
 from shared.config import Config, config_from_document
 from shared.counters import Counters
 from shared.events import EncodedBatch
-from shared.localservers import LOOPBACK, MosquittoServer, free_ports
+from tests.localservers import LOOPBACK, MosquittoServer, free_ports
 from tests.process import tls
-from workers.sinks.base import DestinationUnreachable
-from workers.sinks.mqtt import MqttSink
+from workers.writer.sinks.base import DestinationUnreachable
+from workers.writer.sinks.mqtt import MqttSink
 
 WAIT = 10.0  # upper bound for anything awaited; tests finish far sooner
 TOPICS = {

@@ -28,9 +28,9 @@ from shared.events import EncodedBatch, RawBatch
 from tests.e2e.harness import Service, send_paced, udp_port, write_config
 from tests.process.tls import Identity, TlsHttpServer, make_ca, make_leaf, server_context
 from workers.pipeline import EventPipeline
-from workers.sinks import newrelic
-from workers.sinks.base import DestinationUnreachable
-from workers.sinks.newrelic import NewRelicSink, retry_after_seconds
+from workers.writer.sinks import newrelic
+from workers.writer.sinks.base import DestinationUnreachable
+from workers.writer.sinks.newrelic import NewRelicSink, retry_after_seconds
 
 ACCOUNTS = [
     {

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from receiver.cli import main
+from senseflow.cli import main
 from shared import exitcodes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,7 +197,7 @@ def test_json_from_stdin_subprocess(tmp_path: Path) -> None:
     config = config_file(tmp_path, app_names_yaml(tmp_path))
     data = ("\n".join(INPUT) + "\n").encode()
     result = subprocess.run(
-        [sys.executable, "-m", "receiver.cli", "parse", "--config", str(config)],
+        [sys.executable, "-m", "senseflow.cli", "parse", "--config", str(config)],
         cwd=ROOT,
         input=data,
         capture_output=True,
@@ -260,7 +260,7 @@ def test_line_protocol(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 def test_line_protocol_from_stdin(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "receiver.cli", "parse", "--format", "line-protocol"],
+        [sys.executable, "-m", "senseflow.cli", "parse", "--format", "line-protocol"],
         cwd=ROOT,
         input=f"{HUB_STOP}\n{UNKNOWN}\n".encode(),
         capture_output=True,
@@ -405,7 +405,7 @@ def test_missing_input_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_missing_input_file_subprocess(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-file.txt"
     result = subprocess.run(
-        [sys.executable, "-m", "receiver.cli", "parse", str(missing)],
+        [sys.executable, "-m", "senseflow.cli", "parse", str(missing)],
         cwd=ROOT,
         capture_output=True,
         timeout=60,

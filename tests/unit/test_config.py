@@ -12,7 +12,7 @@ import msgspec
 import pytest
 import yaml
 
-from receiver.cli import main
+from senseflow.cli import main
 from shared import exitcodes
 from shared.config import (
     Config,
@@ -593,7 +593,7 @@ def test_cli_bad_config_in_process(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_cli_bad_config_subprocess(tmp_path: Path) -> None:
     path = write(tmp_path, BAD_CONFIG)
     result = subprocess.run(
-        [sys.executable, "-m", "receiver.cli", "parse", "--config", str(path)],
+        [sys.executable, "-m", "senseflow.cli", "parse", "--config", str(path)],
         cwd=ROOT,
         input=b"/qseow-proxy-session/;h;Start session;LAB;u;o;c;m\n",
         capture_output=True,

@@ -17,8 +17,8 @@ from shared.config import Config, config_from_document
 from shared.counters import SharedCounters, new_block, sum_counters
 from shared.events import RAW_ENCODER, EncodedBatch
 from shared.ipc import Channels, Flag, MessageChannel
-from workers.spool import Spool
-from workers.writer import SPOOLED, Writer
+from workers.writer.process import SPOOLED, Writer
+from workers.writer.spool import Spool
 
 CONTEXT = multiprocessing.get_context("spawn")
 

@@ -29,9 +29,9 @@ import ua_parser
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from senseflow.commands.corpus import USER_AGENTS, make_corpus
+from senseflow.commands.corpus import app_names as corpus_app_names
 from shared.config import Config, config_from_document
-from shared.corpus import USER_AGENTS, make_corpus
-from shared.corpus import app_names as corpus_app_names
 from shared.events import ACTIONS, EncodedBatch, RawBatch, UserEvent
 from workers.eventcount import UNKNOWN_KEY
 from workers.pipeline import EventPipeline

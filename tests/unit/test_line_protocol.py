@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from shared.config import ButlerSOS, Config, NameValue, UserEvents
 from shared.events import ACTIONS, UserEvent
-from shared.localservers import InfluxServer
+from tests.localservers import InfluxServer
 from workers.encode import EventEncoder
 
 APP_ID = "2f1ea3c4-7f3b-4a53-a9a3-1b5d3f0c9e11"

@@ -1,4 +1,4 @@
-"""`senseflow send` (shared/loadgen.py) and its corpus: exact counts, the mix, the flags.
+"""`senseflow send` (senseflow/commands/send.py) and its corpus: exact counts, the mix, the flags.
 
 Datagrams go to a UDP socket on loopback read by a thread, so what is checked is what a
 receiver gets. Rates are bounded low enough (and the socket buffer large enough) that
@@ -16,9 +16,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from receiver.cli import main
-from shared.corpus import ACTION_WEIGHTS, make_corpus
-from shared.loadgen import BURST, ProgressBar, SendReport, mix_of, send, summary
+from senseflow.cli import main
+from senseflow.commands.corpus import ACTION_WEIGHTS, make_corpus
+from senseflow.commands.send import BURST, ProgressBar, SendReport, mix_of, send, summary
 from workers.parse import parse_datagram
 
 

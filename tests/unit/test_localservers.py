@@ -1,4 +1,4 @@
-"""shared/localservers.py against the real binaries: start, use, restart, stop by PID."""
+"""tests/localservers.py against the real binaries: start, use, restart, stop by PID."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.localservers import LOOPBACK, InfluxServer, MosquittoServer, ServerError
+from tests.localservers import LOOPBACK, InfluxServer, MosquittoServer, ServerError
 
 CLIENT_TIMEOUT = 10
 

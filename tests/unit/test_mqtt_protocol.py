@@ -1,4 +1,4 @@
-"""workers/sinks/mqtt_protocol.py: MQTT 3.1.1 packets byte for byte (OASIS MQTT 3.1.1, ch. 2-3).
+"""workers/writer/sinks/mqtt_protocol.py: MQTT 3.1.1 packets byte for byte (OASIS MQTT 3.1.1, ch. 2-3).
 
 Expected bytes are written out from the standard, not computed with the module's helpers.
 """
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.sinks import mqtt_protocol as proto
+from workers.writer.sinks import mqtt_protocol as proto
 
 
 def decode_remaining_length(data: bytes) -> tuple[int, int]:

@@ -11,10 +11,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from receiver.influxstats import QueueMetrics, field_text, point, quantile
-from receiver.metrics import SenseflowCollector
-from receiver.telemetry import Telemetry
-from receiver.tools import appender_xml
+from senseflow.commands.tools import appender_xml
+from senseflow.influxstats import QueueMetrics, field_text, point, quantile
+from senseflow.metrics import SenseflowCollector
+from senseflow.telemetry import Telemetry
 from shared.config import Config, Pipeline
 from shared.counters import Counters
 from shared.delivery import (
@@ -256,7 +256,7 @@ def test_invalid_sample_shows_the_reason_and_a_truncated_datagram() -> None:
 
 
 def test_message_queue_max_size_is_the_fewest_datagrams_the_raw_queue_holds() -> None:
-    from receiver.supervisor import MIN_CHANNEL_BYTES, RAW_BYTES_PER_DATAGRAM, raw_channel_bytes
+    from senseflow.supervisor import MIN_CHANNEL_BYTES, RAW_BYTES_PER_DATAGRAM, raw_channel_bytes
     from shared.config import config_from_document
 
     def sized(max_size: int, **own: int) -> int:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.spool import Spool
+from workers.writer.spool import Spool
 
 DESTINATIONS = ["influxdb", "mqtt"]
 

@@ -24,7 +24,7 @@ from shared.config import Config, InfluxdbConfig
 from shared.counters import Counting
 from shared.events import EncodedBatch
 from shared.tasks import cancel_all, spawn
-from workers.sinks.base import (
+from workers.writer.sinks.base import (
     Acknowledge,
     ChunkQueue,
     DestinationUnreachable,

@@ -1,8 +1,8 @@
 """The writer process: takes encoded batches from the workers and feeds every destination.
 
 It never parses: batches arrive as bytes ready to send. Each batch is appended to the
-spool first (workers/spool.py), then every destination is fed from there at its own pace
-(workers/feeds.py): a destination that is down holds back nobody, its backlog waits on
+spool first (workers/writer/spool.py), then every destination is fed from there at its own pace
+(workers/writer/feeds.py): a destination that is down holds back nobody, its backlog waits on
 disk (bounded; past the bound the oldest is dropped and counted), and a writer killed at
 any moment is replayed from the spool by its successor (SPEC 4, issue 5).
 
@@ -34,9 +34,9 @@ from shared.events import ENCODED_DECODER, EncodedBatch
 from shared.ipc import REPORT_INTERVAL, STOP, Channels, report, start_parent_watch
 from shared.logs import RateLimitedLog, setup_logging
 from shared.tasks import cancel_all, spawn
-from workers.feeds import BatchCache, Feed, cursor_key, limbo_key
-from workers.sinks.base import DestinationUnreachable, Sink
-from workers.spool import Spool
+from workers.writer.feeds import BatchCache, Feed, cursor_key, limbo_key
+from workers.writer.sinks.base import DestinationUnreachable, Sink
+from workers.writer.spool import Spool
 
 log = logging.getLogger("senseflow.writer")
 
@@ -80,9 +80,9 @@ def make_sinks(
     counters: Counting,
     on_delivered: Callable[[str, list[int]], None] | None = None,
 ) -> list[Sink]:
-    from workers.sinks.influx import InfluxSink
-    from workers.sinks.mqtt import MqttSink
-    from workers.sinks.newrelic import NewRelicSink
+    from workers.writer.sinks.influx import InfluxSink
+    from workers.writer.sinks.mqtt import MqttSink
+    from workers.writer.sinks.newrelic import NewRelicSink
 
     factories: dict[str, type[InfluxSink] | type[MqttSink] | type[NewRelicSink]] = {
         "influxdb": InfluxSink,

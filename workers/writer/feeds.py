@@ -19,8 +19,8 @@ import logging
 
 from shared.counters import SharedCounters
 from shared.events import ENCODED_DECODER, EncodedBatch
-from workers.sinks.base import Ack, Sink
-from workers.spool import Dropped, Spool
+from workers.writer.sinks.base import Ack, Sink
+from workers.writer.spool import Dropped, Spool
 
 log = logging.getLogger("senseflow.writer")
 

@@ -141,11 +141,11 @@ def add_check_config_command(commands: Any) -> None:
 
 
 def run_check_config(args: argparse.Namespace) -> int:
-    from receiver.cli import _app_names
+    from workers.enrich import configured_app_names
 
     try:
         config = load_config(args.file)
-        _app_names(config)
+        configured_app_names(config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config: FAILED: {problem}")
@@ -159,7 +159,7 @@ def run_check_config(args: argparse.Namespace) -> int:
 
 def check_destinations(config: Config, timeout: float) -> list[tuple[str, bool, str]]:
     """(destination, ok, one line of detail) for every destination, disabled ones too."""
-    from workers.writer import destination_names
+    from workers.writer.process import destination_names
 
     enabled = destination_names(config)
     results = []
@@ -175,7 +175,7 @@ def check_destinations(config: Config, timeout: float) -> list[tuple[str, bool, 
 
 def check_influxdb(config: Config, timeout: float) -> tuple[bool, str]:
     """Ping, then an empty write: proves the database and the right to write, writes nothing."""
-    from receiver.influxstats import InfluxTarget, StatsWriteError
+    from senseflow.influxstats import InfluxTarget, StatsWriteError
 
     target = InfluxTarget(config)
     try:
@@ -214,8 +214,8 @@ def influx_location(config: Config) -> str:
 async def check_sink(config: Config, name: str, timeout: float) -> tuple[bool, str]:
     """Start the destination's own sink (connect, handshake), then close it."""
     from shared.counters import Counters
-    from workers.sinks.base import DestinationUnreachable
-    from workers.writer import make_sinks
+    from workers.writer.process import make_sinks
+    from workers.writer.sinks.base import DestinationUnreachable
 
     sink = next(s for s in make_sinks(config, Counters()) if s.name == name)
     try:

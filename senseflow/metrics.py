@@ -58,7 +58,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from receiver.telemetry import Histogram, Telemetry
+from senseflow.telemetry import Histogram, Telemetry
 from shared.delivery import BATCH_BUCKETS, LATENCY_BUCKETS
 from shared.ipc import Channels
 from workers.parse import INVALID_REASONS

@@ -29,8 +29,8 @@ from shared.config import Config
 from shared.counters import Counting
 from shared.events import ACTIONS, EncodedBatch
 from shared.tasks import cancel_all, spawn
-from workers.sinks import mqtt_protocol as proto
-from workers.sinks.base import Acknowledge, DestinationUnreachable, counting_acks
+from workers.writer.sinks import mqtt_protocol as proto
+from workers.writer.sinks.base import Acknowledge, DestinationUnreachable, counting_acks
 
 log = logging.getLogger("senseflow.mqtt")
 

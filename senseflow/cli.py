@@ -115,7 +115,7 @@ def apply_run_flags(config: Config, args: argparse.Namespace) -> Config:
 
 
 def run_service(args: argparse.Namespace) -> int:
-    from receiver.supervisor import Supervisor
+    from senseflow.supervisor import Supervisor
     from shared.config import check_semantics
     from shared.logs import setup_logging
 
@@ -123,20 +123,22 @@ def run_service(args: argparse.Namespace) -> int:
     problems = check_semantics(config)
     if problems:
         raise ConfigError(problems)
-    _app_names(config)  # fail now, not in every worker, if the mapping file is bad
+    from workers.enrich import configured_app_names
+
+    configured_app_names(config)  # fail now, not in every worker, if the mapping file is bad
     setup_logging(config.pipeline.log_level, config.pipeline.log_format, "supervisor")
     return Supervisor(config).run()
 
 
 def add_operator_commands(commands: Any) -> None:
-    from receiver.tools import add_appender_xml_command, add_check_config_command
+    from senseflow.commands.tools import add_appender_xml_command, add_check_config_command
 
     add_appender_xml_command(commands)
     add_check_config_command(commands)
 
 
 def add_send_command(commands: Any) -> None:
-    from shared.loadgen import add_send_command as add
+    from senseflow.commands.send import add_send_command as add
 
     add(commands)
 
@@ -164,10 +166,12 @@ def add_parse_command(commands: Any) -> None:
 
 
 def run_parse(args: argparse.Namespace) -> int:
-    from workers.dryrun import dry_run
+    from senseflow.commands.parse import dry_run
 
     config = load_config(args.config)
-    app_names = _app_names(config)
+    from workers.enrich import configured_app_names
+
+    app_names = configured_app_names(config)
     if args.file:
         try:
             with open(args.file, "rb") as source:
@@ -176,18 +180,6 @@ def run_parse(args: argparse.Namespace) -> int:
             print(f"senseflow: parse: no such file: {args.file}", file=sys.stderr)
             return exitcodes.FAILURE
     return dry_run(sys.stdin.buffer, sys.stdout.buffer, config, app_names, args.format)
-
-
-def _app_names(config: Config) -> dict[str, str]:
-    from workers.enrich import load_app_names
-
-    path = config.pipeline.app_names_file
-    if not path:
-        return {}
-    try:
-        return load_app_names(path)
-    except (OSError, ValueError, KeyError, msgspec.ValidationError) as exc:
-        raise ConfigError([f"senseflow.appNamesFile: cannot load {path}: {exc}"]) from exc
 
 
 if __name__ == "__main__":

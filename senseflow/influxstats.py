@@ -64,7 +64,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from receiver.telemetry import Histogram
+from senseflow.telemetry import Histogram
 from shared.config import Config, NameValue, redact
 from shared.counters import total
 from shared.delivery import LATENCY_BUCKETS
@@ -223,7 +223,7 @@ class QueueMetrics:
         self.previous_time = clock()
 
     def fields(self) -> dict[str, float]:
-        from receiver.supervisor import RAW_BYTES_PER_DATAGRAM
+        from senseflow.supervisor import RAW_BYTES_PER_DATAGRAM
 
         totals = dict(self.supervisor.totals)
         delta = {k: v - self.previous.get(k, 0) for k, v in totals.items()}

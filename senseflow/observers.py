@@ -22,8 +22,8 @@ class Observers:
 
 def start_observers(supervisor: Any) -> Observers | None:
     """None when the metrics port cannot be bound (reported, the service does not start)."""
-    from receiver.influxstats import InfluxStats
-    from receiver.metrics import MetricsServer
+    from senseflow.influxstats import InfluxStats
+    from senseflow.metrics import MetricsServer
 
     observers = Observers()
     pipe = supervisor.config.pipeline

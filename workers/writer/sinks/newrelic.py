@@ -41,7 +41,7 @@ from shared.counters import Counting
 from shared.events import EncodedBatch
 from shared.logs import RateLimitedLog
 from shared.tasks import cancel_all, spawn
-from workers.sinks.base import Acknowledge, ChunkQueue, DestinationUnreachable, counting_acks
+from workers.writer.sinks.base import Acknowledge, ChunkQueue, DestinationUnreachable, counting_acks
 
 log = logging.getLogger("senseflow.newrelic")
 

@@ -21,15 +21,15 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from receiver.influxstats import Backpressure
-from receiver.observers import start_observers
-from receiver.telemetry import Telemetry
+from senseflow.appnames import AppNamesPublisher
+from senseflow.influxstats import Backpressure
+from senseflow.observers import start_observers
+from senseflow.telemetry import Telemetry
 from shared import exitcodes
 from shared.config import Config
 from shared.counters import SharedCounters, new_block, sum_counters, summary_line
 from shared.events import RAW_ENCODER, EncodedBatch
 from shared.ipc import REPORTS_CAPACITY, STOP, Channels, Flag, MessageChannel, drain_reports
-from workers.appnames import AppNamesPublisher
 
 log = logging.getLogger("senseflow.supervisor")
 
@@ -163,7 +163,7 @@ class Supervisor:
         )
 
     def _writer_slot(self) -> Child:
-        from workers import writer
+        from workers.writer import process as writer
 
         return Child("writer", writer.run, (self.config, self.channels, os.getpid()), self.context)
 
@@ -458,7 +458,7 @@ class Supervisor:
     # -- summaries --------------------------------------------------------------------------
 
     def destinations(self) -> list[str]:
-        from workers.writer import destination_names
+        from workers.writer.process import destination_names
 
         return destination_names(self.config)
 

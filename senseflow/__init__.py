@@ -1,0 +1,1 @@
+"""The control plane: the `senseflow` command, the supervisor, HTTP (metrics, health), telemetry."""
