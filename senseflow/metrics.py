@@ -13,7 +13,9 @@ Metrics (counters are cumulative since start; `*_total` per Prometheus conventio
     senseflow_datagrams_invalid_total{reason}          not a user event (SPEC 1), by reason
     senseflow_datagrams_dropped_total{reason}          too_large, source_not_allowed,
                                                        rate_limited, queue_full, kernel,
-                                                       worker_crash (held by a killed worker)
+                                                       worker_crash (held by a killed worker),
+                                                       spool_corrupt (spool records, not
+                                                       datagrams, unreadable on disk)
     senseflow_events_parsed_total                      valid user events
     senseflow_events_excluded_total                    valid, but the user is excluded
     senseflow_events_written_total{destination}        acknowledged by the destination
@@ -72,6 +74,7 @@ DROP_REASONS = (
     "queue_full",
     "kernel",
     "worker_crash",
+    "spool_corrupt",
 )
 _PLAIN = {
     "received": ("senseflow_datagrams_received", "UDP datagrams read from the socket"),

@@ -106,7 +106,7 @@ def check_destinations(
     discarded = {}
     for name in spool.destinations:
         mine = spool.identities[name]
-        stale = {first: w[name] for first, w in written_for.items() if w.get(name, mine) != mine}
+        stale = {f: w[name] for f, w in written_for.items() if w.get(name, mine) not in (mine, "")}
         records = [seq for seq in spool.pending(name) if spool.index[seq].segment in stale]
         if not records:
             continue
