@@ -113,11 +113,18 @@ class Spool:
         self._cursors_dirty = False
         self._moved = False  # cursors moved in memory, not yet persisted
         self._doomed: list[int] = []  # segments given up, their files not yet deleted
+        try:
+            self._open(known_cursors or {}, discard_mismatch)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _open(self, known_cursors: dict[str, int], discard_mismatch: bool) -> None:
         recovery = Recovery.of(self.directory)
         self.index = recovery.index
         self.segments = recovery.segments  # first seq -> size in bytes
         self.next_seq = recovery.next_seq
-        self.cursors = self._start_cursors(recovery, known_cursors or {})
+        self.cursors = self._start_cursors(recovery, known_cursors)
         self.next_seq = max(self.next_seq, *self.cursors.values(), 0)
         self.corrupt_records = self._count_missing()
         self.discarded = check_destinations(self, recovery.written_for, discard_mismatch)
