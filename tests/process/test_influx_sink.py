@@ -363,7 +363,7 @@ def test_v1_sends_basic_auth_when_enabled(stand_in: StandIn, auth: bool) -> None
     assert queries == [
         ["SHOW DATABASES"],
         ['CREATE DATABASE "senseops"'],
-        ['CREATE RETENTION POLICY "short" ON "senseops" DURATION 2d REPLICATION 1'],
+        ['CREATE RETENTION POLICY "short" ON "senseops" DURATION 2d REPLICATION 1 DEFAULT'],
     ]
     (write,) = stand_in.writes()
     assert (write.method, write.path, write.body) == ("POST", "/write", b"".join(lines))
