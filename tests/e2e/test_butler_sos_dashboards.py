@@ -182,6 +182,9 @@ def test_butler_sos_panel_queries_show_what_senseflow_wrote(
     assert sorted(row[1] for s in table for row in s["values"]) == sorted(
         f"LAB\\{user}" for user, *_ in SCENARIO
     )
+    # Its "App name" and "App ID" columns read appName_field / appId_field, which Butler SOS
+    # itself does not write on 1.x (it writes appName / appId): empty there too.
+    assert {tuple(row[2:]) for s in table for row in s["values"]} == {(None, None)}
 
 
 @pytest.mark.usefixtures("written")
