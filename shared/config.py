@@ -289,6 +289,8 @@ class Pipeline(Own, frozen=True):
     """/healthz: seconds a destination may acknowledge nothing while events wait for it."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    influx_schema: Literal["seed", "butler-sos"] = "seed"
+    """user_events names: `seed` (SPEC 3) or what Butler SOS 15 writes (workers/encode.py)."""
     mqtt: MqttOptions = MqttOptions()
     spool: SpoolOptions = SpoolOptions()
 
@@ -382,7 +384,10 @@ def check_semantics(config: Config) -> list[str]:
             problems.append(
                 f"{OWN_SECTION}.{_camel(name)}: expected an integer >= 1, found {value}"
             )
-    problems.extend(_check_user_event_tags(config.butler.user_events.tags or []))
+    reserved = RESERVED_TAG_NAMES
+    if pipe.influx_schema == "butler-sos":
+        reserved |= BUTLER_SOS_TAG_NAMES
+    problems.extend(_check_user_event_tags(config.butler.user_events.tags or [], reserved))
     port = config.butler.user_events.udp_server_config.port_user_activity_events
     if not 0 <= port <= 65535:
         problems.append(
@@ -432,14 +437,20 @@ RESERVED_TAG_NAMES = frozenset(
         "time",
     }
 )
+BUTLER_SOS_TAG_NAMES = frozenset(
+    {"uaBrowserName", "uaBrowserMajorVersion", "uaOsName", "uaOsVersion"}
+)
+"""Reserved too with `influxSchema: butler-sos`, which writes these instead of `qs_ua...`."""
 
 
-def _check_user_event_tags(tags: list[NameValue]) -> list[str]:
+def _check_user_event_tags(
+    tags: list[NameValue], reserved: frozenset[str] = RESERVED_TAG_NAMES
+) -> list[str]:
     problems = []
     seen: set[str] = set()
     for index, tag in enumerate(tags):
         path = f"{BUTLER_SECTION}.userEvents.tags[{index}].name"
-        if tag.name in RESERVED_TAG_NAMES:
+        if tag.name in reserved:
             problems.append(
                 f"{path}: expected a name the user_events point does not use, found {tag.name!r}"
             )

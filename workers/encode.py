@@ -13,6 +13,10 @@ the exact value (line breaks removed).
 
 Real traffic repeats a few hosts, users, apps and agents, so each group of escaped tags and
 fields is cached whole (LRU, bounded: the values come from outside).
+
+`senseflow.influxSchema` picks the tag and field names once, when the encoder is built
+(`InfluxNames`): `seed` is SPEC 3's schema, `butler-sos` what Butler SOS 15's code writes
+for the configured InfluxDB version, so its Grafana dashboards keep working.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import functools
 import hashlib
 import re
 import time
+from typing import NamedTuple
 
 import msgspec
 
@@ -34,9 +39,44 @@ _TAG_ESCAPES = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ "})
 _LINE_BREAKS = str.maketrans({"\n": None, "\r": None})
 _BACKSLASHES_BEFORE_SPACE = re.compile(r"\\+(?= )")
 _FIELD_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": None, "\r": None})
-_UA_TAG_KEYS = ("qs_uaBrowserName", "qs_uaBrowserMajorVersion", "qs_uaOsName", "qs_uaOsVersion")
 _USER_CACHE_SIZE = 16384  # bounds memory too: an entry can reach ~2 KB
 _GROUP_CACHE_SIZE = 4096
+
+
+class InfluxNames(NamedTuple):
+    """The user_events names that differ between schemas (SPEC 3)."""
+
+    ua_tags: tuple[str, str, str, str]
+    """Browser name, browser major version, OS name, OS version."""
+    user_full_field: str
+    user_id_field: str
+    app_id_field: str
+    app_name_field: str
+
+
+_BUTLER_SOS_UA_TAGS = ("uaBrowserName", "uaBrowserMajorVersion", "uaOsName", "uaOsVersion")
+SEED_NAMES = InfluxNames(
+    ("qs_uaBrowserName", "qs_uaBrowserMajorVersion", "qs_uaOsName", "qs_uaOsVersion"),
+    "userFull_field",
+    "userId_field",
+    "appId_field",
+    "appName_field",
+)
+# Butler SOS 15, src/lib/influxdb/v{1,2,3}/user-events.js: the field names follow what each
+# client library allowed it (1.x and 2.x accept a field named like a tag, 3.x does not).
+BUTLER_SOS_NAMES = {
+    1: InfluxNames(_BUTLER_SOS_UA_TAGS, "userFull", "userId", "appId", "appName"),
+    2: InfluxNames(_BUTLER_SOS_UA_TAGS, "userFull", "userId", "appId_field", "appName_field"),
+    3: InfluxNames(
+        _BUTLER_SOS_UA_TAGS, "userFull_field", "userId_field", "appId_field", "appName_field"
+    ),
+}
+
+
+def influx_names(config: Config) -> InfluxNames:
+    if config.pipeline.influx_schema == "butler-sos":
+        return BUTLER_SOS_NAMES[config.butler.influxdb_config.version]
+    return SEED_NAMES
 
 
 def escape_tag(value: str) -> str:
@@ -106,10 +146,17 @@ class EventEncoder:
         )
         self._tags_json = msgspec.Raw(msgspec.json.encode(dict(tags)))
         self._json = msgspec.json.Encoder()
+        names = influx_names(config)
         self._host_groups = functools.lru_cache(_GROUP_CACHE_SIZE)(_host_groups)
-        self._user_groups = functools.lru_cache(_USER_CACHE_SIZE)(_user_groups)
-        self._app_groups = functools.lru_cache(_GROUP_CACHE_SIZE)(_app_groups)
-        self._ua_tags = functools.lru_cache(_GROUP_CACHE_SIZE)(_ua_tags)
+        self._user_groups = functools.lru_cache(_USER_CACHE_SIZE)(
+            functools.partial(_user_groups, f' {names.user_full_field}="', names.user_id_field)
+        )
+        self._app_groups = functools.lru_cache(_GROUP_CACHE_SIZE)(
+            functools.partial(_app_groups, f',{names.app_id_field}="', names.app_name_field)
+        )
+        self._ua_tags = functools.lru_cache(_GROUP_CACHE_SIZE)(
+            functools.partial(_ua_tags, names.ua_tags)
+        )
         self._iso_ms = -1
         self._iso_text = ""
         self._iso_second = -1
@@ -267,8 +314,11 @@ def _host_groups(host: str, action: str, origin: str) -> tuple[str, str]:
     return head, _tag_pair("origin", escape_tag(origin))
 
 
-def _user_groups(directory: str, user_id: str) -> tuple[str, str]:
-    """The three user tags, and the two user fields with their leading space."""
+def _user_groups(
+    full_field_start: str, id_field: str, directory: str, user_id: str
+) -> tuple[str, str]:
+    """The three user tags, and the two user fields, the first with its leading space
+    (`full_field_start` is ` <key>="`)."""
     full = f"{directory}\\{user_id}"
     tags = (
         _tag_pair("userFull", escape_tag(full))
@@ -276,21 +326,26 @@ def _user_groups(directory: str, user_id: str) -> tuple[str, str]:
         + _tag_pair("userId", escape_tag(user_id))
     )
     fields = (
-        f' userFull_field="{escape_field_string(full)}",'
-        f'userId_field="{escape_field_string(user_id)}"'
+        f'{full_field_start}{escape_field_string(full)}",'
+        f'{id_field}="{escape_field_string(user_id)}"'
     )
     return tags, fields
 
 
-def _app_groups(app_id: str, app_name: str) -> tuple[str, str]:
-    """The app tags and fields; the id is a GUID from the enricher, stored as it is."""
+def _app_groups(
+    id_field_start: str, name_field: str, app_id: str, app_name: str
+) -> tuple[str, str]:
+    """The app tags and fields (`id_field_start` is `,<key>="`); the id is a GUID from the
+    enricher, stored as it is."""
     tags = _tag_pair("appId", escape_tag(app_id)) + _tag_pair("appName", escape_tag(app_name))
-    fields = f',appId_field="{app_id}"'
+    fields = f'{id_field_start}{app_id}"'
     if app_name:
-        fields += f',appName_field="{escape_field_string(app_name)}"'
+        fields += f',{name_field}="{escape_field_string(app_name)}"'
     return tags, fields
 
 
-def _ua_tags(browser: str, major: str, os_name: str, os_version: str) -> str:
+def _ua_tags(
+    keys: tuple[str, str, str, str], browser: str, major: str, os_name: str, os_version: str
+) -> str:
     values = (browser, major, os_name, os_version)
-    return "".join(_tag_pair(k, escape_tag(v)) for k, v in zip(_UA_TAG_KEYS, values, strict=True))
+    return "".join(_tag_pair(k, escape_tag(v)) for k, v in zip(keys, values, strict=True))
