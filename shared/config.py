@@ -259,6 +259,20 @@ class SpoolOptions(Own, frozen=True):
     """ms between fsyncs with `fsync: interval`."""
 
 
+class HttpOptions(Own, frozen=True):
+    """The supervisor's HTTP server (senseflow/httpserver.py); the port is `metricsPort`."""
+
+    host: str = ""
+    """Overrides `metricsHost` when set."""
+    token: str = ""
+    """Bearer token required for every path but /healthz ('' : none)."""
+    username: str = ""
+    password: str = ""
+    """Basic auth required for every path but /healthz (with `username` set)."""
+    max_connections: int = 64
+    request_timeout: float = 10.0
+
+
 class Pipeline(Own, frozen=True):
     """Pipeline tuning, the `senseflow` section; CLI flags override these."""
 
@@ -281,13 +295,14 @@ class Pipeline(Own, frozen=True):
     pending_events: int = 100_000
     """Events a destination holds in memory; the rest waits in the spool."""
     metrics_port: int = 0
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"
     health_deadline: float = 30.0
     """/healthz: seconds a destination may acknowledge nothing while events wait for it."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     mqtt: MqttOptions = MqttOptions()
     spool: SpoolOptions = SpoolOptions()
+    http: HttpOptions = HttpOptions()
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -398,6 +413,11 @@ def _check_metrics(pipe: Pipeline) -> list[str]:
         problems.append(
             f"{OWN_SECTION}.metricsPort: expected a port 0-65535 (0: off), "
             f"found {pipe.metrics_port}"
+        )
+    if pipe.http.max_connections < 1 or pipe.http.request_timeout <= 0:
+        problems.append(
+            f"{OWN_SECTION}.http: expected maxConnections >= 1 and requestTimeout > 0, found "
+            f"{pipe.http.max_connections} and {pipe.http.request_timeout}"
         )
     if pipe.health_deadline <= 0:
         problems.append(
@@ -652,6 +672,8 @@ def secrets(config: Config) -> list[str]:
         b.influxdb_config.v3_config.token,
         b.cert.client_cert_passphrase or "",
         config.pipeline.mqtt.password,
+        config.pipeline.http.token,
+        config.pipeline.http.password,
     ]
     found.extend(a.insert_api_key for a in b.third_party_tools_credentials.new_relic or [])
     return [s for s in found if len(s) >= 3]
