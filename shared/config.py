@@ -303,6 +303,8 @@ class Pipeline(Own, frozen=True):
     mqtt: MqttOptions = MqttOptions()
     spool: SpoolOptions = SpoolOptions()
     http: HttpOptions = HttpOptions()
+    rate_limit_max_sources: int = 1024
+    """Source addresses the UDP rate limit tracks at once (each gets its fair share)."""
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -388,6 +390,7 @@ def check_semantics(config: Config) -> list[str]:
         "reader_flush_ms",
         "ua_cache_size",
         "pending_events",
+        "rate_limit_max_sources",
     ):
         value = getattr(pipe, name)
         if value < 1:
