@@ -88,7 +88,15 @@ FLOAT_FIELDS = frozenset(
 
 
 class StatsWriteError(Exception):
-    pass
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def retryable(self) -> bool:
+        """No answer, 5xx, 408 or 429. Any other 4xx may have written part of the body
+        (InfluxDB's "partial write"), and sending it again would not help anyway."""
+        return self.status is None or self.status >= 500 or self.status in (408, 429)
 
 
 class InfluxTarget:
@@ -144,7 +152,8 @@ class InfluxTarget:
         except urllib.error.HTTPError as exc:
             with exc:
                 text = exc.read().decode("utf-8", "replace")[:300]
-            raise StatsWriteError(redact(f"HTTP {exc.code}: {text.strip()}", self.config)) from None
+            message = redact(f"HTTP {exc.code}: {text.strip()}", self.config)
+            raise StatsWriteError(message, exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
             raise StatsWriteError(redact(f"{self.base}: {exc}", self.config)) from exc
 
@@ -407,5 +416,8 @@ class InfluxStats:
         try:
             self.target.post(body, timeout)
         except StatsWriteError as exc:
+            if not exc.retryable:
+                self.failures.warning("InfluxDB refused event counts (not sent again): %s", exc)
+                return
             self.supervisor.telemetry.restore_event_counts(counts)
             self.failures.warning("cannot write event counts to InfluxDB (kept for later): %s", exc)
