@@ -305,6 +305,8 @@ class Pipeline(Own, frozen=True):
     http: HttpOptions = HttpOptions()
     rate_limit_max_sources: int = 1024
     """Source addresses the UDP rate limit tracks at once (each gets its fair share)."""
+    new_relic_allow_http: bool = False
+    """Send to an `http://` New Relic event URL (API keys in clear): only for a local proxy."""
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -405,6 +407,7 @@ def check_semantics(config: Config) -> list[str]:
             f"expected a port 0-65535, found {port}"
         )
     problems.extend(_check_new_relic_accounts(config.butler))
+    problems.extend(_check_new_relic_url(config))
     problems.extend(_check_metrics(pipe))
     problems.extend(_check_app_names(config.butler))
     return problems
@@ -485,6 +488,21 @@ def _check_new_relic_accounts(butler: ButlerSOS) -> list[str]:
         f"from thirdPartyToolsCredentials.newRelic, found {name!r}"
         for name in butler.user_events.send_to_new_relic.destination_account or []
         if name not in known
+    ]
+
+
+def _check_new_relic_url(config: Config) -> list[str]:
+    butler = config.butler
+    if not (butler.new_relic.enable and butler.user_events.send_to_new_relic.enable):
+        return []
+    url = butler.new_relic.event.url
+    if url.lower().startswith("https://"):
+        return []
+    if url.lower().startswith("http://") and config.pipeline.new_relic_allow_http:
+        return []
+    return [
+        f"{BUTLER_SECTION}.newRelic.event.url: expected an https:// URL (API keys must not "
+        f"travel in clear; {OWN_SECTION}.newRelicAllowHttp: true allows http://), found {url!r}"
     ]
 
 
@@ -679,4 +697,5 @@ def secrets(config: Config) -> list[str]:
         config.pipeline.http.password,
     ]
     found.extend(a.insert_api_key for a in b.third_party_tools_credentials.new_relic or [])
+    found.extend(h.value for h in b.new_relic.event.header or [])  # may carry credentials
     return [s for s in found if len(s) >= 3]
