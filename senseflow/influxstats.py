@@ -56,6 +56,7 @@ from __future__ import annotations
 import base64
 import logging
 import socket
+import ssl
 import threading
 import time
 import urllib.error
@@ -69,6 +70,7 @@ from shared.config import Config, NameValue, redact
 from shared.counters import total
 from shared.delivery import LATENCY_BUCKETS
 from shared.logs import RateLimitedLog
+from shared.tls import client_context, scheme
 from workers.encode import escape_tag
 from workers.eventcount import event_counts_enabled
 
@@ -106,7 +108,15 @@ class InfluxTarget:
         cfg = config.butler.influxdb_config
         self.config = config
         self.version = cfg.version
-        self.base = f"http://{cfg.host}:{cfg.port}"
+        tls = config.pipeline.influx_tls
+        self.base = f"{scheme(tls)}://{cfg.host}:{cfg.port}"
+        self.tls_error = ""
+        try:
+            self.context = client_context(tls)
+        except OSError as exc:  # ssl.SSLError is one; fail closed: system trust only
+            self.tls_error = f"cannot load senseflow.influxTls files: {exc}"
+            log.error("InfluxDB statistics: %s", self.tls_error)
+            self.context = ssl.create_default_context()
         self.headers = {"Content-Type": "text/plain; charset=utf-8"}
         if cfg.version == 1:
             v1 = cfg.v1_config
@@ -147,7 +157,7 @@ class InfluxTarget:
             headers["Content-Type"] = "application/x-www-form-urlencoded"
         request = urllib.request.Request(url, data=body, method="POST", headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout, context=self.context) as response:
                 response.read()
         except urllib.error.HTTPError as exc:
             with exc:

@@ -247,6 +247,17 @@ class MqttOptions(Own, frozen=True):
     max_pending: int = 50_000
 
 
+class InfluxTls(Own, frozen=True):
+    """HTTPS to InfluxDB (1.x, 2.x, 3.x); the server's certificate is verified unless
+    `insecure`."""
+
+    enable: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    insecure: bool = False
+
+
 class SpoolOptions(Own, frozen=True):
     """The writer's on-disk spool (workers/writer/spool.py): everything waits there, bounded."""
 
@@ -306,6 +317,7 @@ class Pipeline(Own, frozen=True):
     rate_limit_max_sources: int = 1024
     """Source addresses the UDP rate limit tracks at once (each gets its fair share)."""
     new_relic_allow_http: bool = False
+    influx_tls: InfluxTls = InfluxTls()
     """Send to an `http://` New Relic event URL (API keys in clear): only for a local proxy."""
 
 
