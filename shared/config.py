@@ -318,6 +318,8 @@ class Pipeline(Own, frozen=True):
     """Source addresses the UDP rate limit tracks at once (each gets its fair share)."""
     new_relic_allow_http: bool = False
     influx_tls: InfluxTls = InfluxTls()
+    qrs_server_name: str = ""
+    """The name the QRS server's certificate must show ('' : `appNames.hostIP` itself)."""
     """Send to an `http://` New Relic event URL (API keys in clear): only for a local proxy."""
 
 
