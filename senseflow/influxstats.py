@@ -6,8 +6,9 @@ sees only its own share. Routing these few points through the writer would need 
 channel from the supervisor to the writer (data flows one way only) and would queue them
 behind up to `pendingEvents` user events exactly when InfluxDB is slow, which is when
 queue metrics matter. So: one small line-protocol POST per interval (stdlib HTTP, no
-event loop), isolated from the event path; a failed write is logged (rate-limited) and
-its counts are kept for the next attempt.
+event loop), isolated from the event path; a failed write is logged (rate-limited) and,
+unless InfluxDB refused it with a 4xx (which may be a partial write), its counts are kept
+for the next attempt.
 
 What Butler SOS writes, and where we read it (github.com/ptarmiganlabs/butler-sos):
 
