@@ -82,6 +82,12 @@ def add_run_command(commands: Any) -> None:
         metavar="PORT",
         help="serve Prometheus /metrics and /healthz on PORT (0: off)",
     )
+    parser.add_argument(
+        "--spool-discard-mismatch",
+        action="store_true",
+        default=None,
+        help="skip spooled records written for a different destination instead of refusing",
+    )
     parser.set_defaults(command=run_service)
 
 
@@ -109,6 +115,9 @@ def apply_run_flags(config: Config, args: argparse.Namespace) -> Config:
         if args.port is not None
         else udp.port_user_activity_events,
     )
+    if args.spool_discard_mismatch:
+        spool = msgspec.structs.replace(pipeline.spool, discard_mismatch=True)
+        pipeline = msgspec.structs.replace(pipeline, spool=spool)
     user_events = msgspec.structs.replace(config.butler.user_events, udp_server_config=udp)
     butler = msgspec.structs.replace(config.butler, user_events=user_events)
     return msgspec.structs.replace(config, butler=butler, pipeline=pipeline)

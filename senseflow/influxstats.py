@@ -67,6 +67,7 @@ from collections.abc import Callable
 from typing import Any
 
 from senseflow.telemetry import Histogram
+from shared import influxql
 from shared.config import Config, NameValue, redact
 from shared.counters import total
 from shared.delivery import LATENCY_BUCKETS
@@ -128,6 +129,7 @@ class InfluxTarget:
                 pair = f"{v1.auth.username}:{v1.auth.password}".encode()
                 self.headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
             self.database = v1.db_name
+            self.policy = v1.retention_policy
             self.url = f"{self.base}/write?{urllib.parse.urlencode(params)}"
         else:
             token = cfg.v2_config.token if cfg.version == 2 else cfg.v3_config.token
@@ -148,9 +150,19 @@ class InfluxTarget:
             if self.version != 1 or self.created or "database not found" not in str(exc):
                 raise
             self.created = True  # as the sink does at start: the database may not exist yet
-            query = urllib.parse.urlencode({"q": f'CREATE DATABASE "{self.database}"'}).encode()
-            self.send(f"{self.base}/query", query, timeout, form=True)
+            self.create_database(timeout)
             self.send(self.url, body, timeout)
+
+    def create_database(self, timeout: float) -> None:
+        """As the sink does: the configured retention policy becomes the default of a
+        database we create, so queries that name no policy see the points."""
+        statements = [influxql.create_database(self.database)]
+        if influxql.names_a_policy(self.policy):
+            statements.append(influxql.create_policy(self.database, self.policy, default=True))
+        for statement in statements:
+            query = urllib.parse.urlencode({"q": statement}).encode()
+            self.send(f"{self.base}/query", query, timeout, form=True)
+        log.info("InfluxDB: created the database %s (%s)", self.database, "; ".join(statements))
 
     def send(self, url: str, body: bytes, timeout: float, form: bool = False) -> None:
         headers = dict(self.headers)

@@ -13,7 +13,9 @@ Metrics (counters are cumulative since start; `*_total` per Prometheus conventio
     senseflow_datagrams_invalid_total{reason}          not a user event (SPEC 1), by reason
     senseflow_datagrams_dropped_total{reason}          too_large, source_not_allowed,
                                                        rate_limited, queue_full, kernel,
-                                                       worker_crash (held by a killed worker)
+                                                       worker_crash (held by a killed worker),
+                                                       spool_corrupt (spool records, not
+                                                       datagrams, unreadable on disk)
     senseflow_events_parsed_total                      valid user events
     senseflow_events_excluded_total                    valid, but the user is excluded
     senseflow_events_written_total{destination}        acknowledged by the destination
@@ -36,6 +38,7 @@ Metrics (counters are cumulative since start; `*_total` per Prometheus conventio
     senseflow_delivered_batch_events{destination}      histogram: events per acked batch
     senseflow_child_up{child}                          1 while the process runs
     senseflow_child_restarts_total{child}              restarts after a crash
+    senseflow_child_crash_looping{child}               1 while it restarted 5 times in 5 min
     senseflow_healthy                                  1 when /healthz answers 200
     senseflow_spool_bytes, senseflow_spool_capacity_bytes  the writer's spool on disk, its bound
 """
@@ -71,6 +74,7 @@ DROP_REASONS = (
     "queue_full",
     "kernel",
     "worker_crash",
+    "spool_corrupt",
 )
 _PLAIN = {
     "received": ("senseflow_datagrams_received", "UDP datagrams read from the socket"),
@@ -210,11 +214,18 @@ def telemetry_metrics(supervisor: Observed, destinations: list[str]) -> Iterator
     restarts = CounterMetricFamily(
         "senseflow_child_restarts", "Restarts of a child after it died", labels=["child"]
     )
+    looping = GaugeMetricFamily(
+        "senseflow_child_crash_looping",
+        "1 while the child restarted 5 times within 5 minutes",
+        labels=["child"],
+    )
     for child in children:
         up.add_metric([child.name], 1 if child.alive else 0)
         restarts.add_metric([child.name], child.restarts)
+        looping.add_metric([child.name], 1 if child.crash_looping else 0)
     yield up
     yield restarts
+    yield looping
     yield GaugeMetricFamily(
         "senseflow_healthy", "1 when /healthz answers 200", value=1 if health.healthy else 0
     )

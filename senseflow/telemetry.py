@@ -13,7 +13,9 @@ Healthy (200) when all of these hold, else unhealthy (503) with the reasons:
 2. every child (readers, workers, writer) is alive and has reported ready;
 3. with at least one destination, the writer reported its delivery status within the
    last `healthDeadline` seconds (a wedged writer stops reporting);
-4. no destination is *stalled*: events wait for it (taken by the writer, not yet
+4. no child is crash-looping: restarted CRASH_LOOP_RESTARTS (5) times within the last
+   CRASH_LOOP_WINDOW (300) seconds, however far apart the supervisor's backoff put them;
+5. no destination is *stalled*: events wait for it (taken by the writer, not yet
    acknowledged nor counted failed) and it acknowledged nothing for more than
    `healthDeadline` seconds (`senseflow.healthDeadline`, default 30).
 
@@ -23,6 +25,7 @@ unhealthy: the first event that waits starts its clock.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -31,6 +34,11 @@ from typing import Any
 
 from shared.config import Config
 from shared.delivery import BATCH_BUCKETS, LATENCY_BUCKETS
+
+log = logging.getLogger("senseflow.supervisor")
+
+CRASH_LOOP_RESTARTS = 5
+CRASH_LOOP_WINDOW = 300.0
 
 
 @dataclass
@@ -62,6 +70,8 @@ class ChildStatus:
     alive: bool
     ready: bool
     restarts: int = 0
+    restart_times: list[float] = field(default_factory=list)
+    crash_looping: bool = False
 
 
 @dataclass
@@ -131,16 +141,40 @@ class Telemetry:
                     self.children[name] = ChildStatus(name, pid, alive, ready)
                     continue
                 if pid is not None and pid != known.pid:
-                    known.restarts += known.pid is not None  # a first spawn is no restart
+                    if known.pid is not None:  # a first spawn is no restart
+                        known.restarts += 1
+                        known.restart_times.append(self.clock())
                     if name == "writer":
                         self.delivery_seen = self.clock()  # a new writer gets a fresh clock
                 known.pid, known.alive, known.ready = pid, alive, ready
+                self._watch_crash_loop(known)
+
+    def _watch_crash_loop(self, child: ChildStatus) -> None:
+        """CRASH_LOOP_RESTARTS restarts within CRASH_LOOP_WINDOW, whatever the supervisor's
+        backoff (capped, it spaces restarts out under its own storm guard): say so loudly."""
+        window_start = self.clock() - CRASH_LOOP_WINDOW
+        child.restart_times = [t for t in child.restart_times if t >= window_start]
+        looping = len(child.restart_times) >= CRASH_LOOP_RESTARTS
+        if looping and not child.crash_looping:
+            log.error(
+                "%s is crash-looping: %d restarts in the last %.0f s; /healthz answers 503 "
+                "until it stays up; see its error above",
+                child.name,
+                len(child.restart_times),
+                CRASH_LOOP_WINDOW,
+            )
+        elif child.crash_looping and not looping:
+            log.warning("%s stopped crash-looping", child.name)
+        child.crash_looping = looping
 
     # -- any thread -------------------------------------------------------------------------
 
     def snapshot(self) -> tuple[list[ChildStatus], dict[str, DestinationStatus]]:
         with self.lock:
-            children = [ChildStatus(**vars(c)) for c in self.children.values()]
+            children = [
+                ChildStatus(**vars(c) | {"restart_times": list(c.restart_times)})
+                for c in self.children.values()
+            ]
             destinations = {
                 name: DestinationStatus(s.pending, s.waiting, s.latency.copy(), s.batches.copy())
                 for name, s in self.destinations.items()
@@ -170,6 +204,12 @@ class Telemetry:
         reasons = ["draining: stopping on a signal"] if draining else []
         with self.lock:
             for child in self.children.values():
+                self._watch_crash_loop(child)
+                if child.crash_looping:
+                    reasons.append(
+                        f"{child.name} is crash-looping ({len(child.restart_times)} restarts "
+                        f"in {CRASH_LOOP_WINDOW:.0f} s)"
+                    )
                 if not child.alive:
                     reasons.append(f"{child.name} is not running")
                 elif not child.ready:

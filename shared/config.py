@@ -261,13 +261,16 @@ class InfluxTls(Own, frozen=True):
 class SpoolOptions(Own, frozen=True):
     """The writer's on-disk spool (workers/writer/spool.py): everything waits there, bounded."""
 
-    directory: str = "spool"
-    """Relative paths are relative to the working directory."""
+    directory: str = ""
+    """Relative paths are relative to the working directory; empty: this instance's own
+    directory under the state directory (workers/writer/spooldir.py)."""
     max_bytes: int = 1 << 30
     segment_bytes: int = 64 << 20
     fsync: Literal["never", "interval", "always"] = "interval"
     fsync_interval: int = 1000
     """ms between fsyncs with `fsync: interval`."""
+    discard_mismatch: bool = False
+    """Skip, for a destination, the records spooled for a different one (issue 12)."""
 
 
 class HttpOptions(Own, frozen=True):

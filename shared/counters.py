@@ -5,7 +5,10 @@ Names are dotted: `received`, `queued`, `events`, `invalid.<reason>`, `excluded`
 `kernel`, `worker_crash`), `written.<destination>`, `failed.<destination>`,
 `dropped.destination_full.<destination>` (given up on by one destination only, so not part
 of the `dropped` that balances `received`) and `recovered.<destination>` (events a previous
-run left in the spool, delivered by this one).
+run left in the spool, delivered by this one). Issue 12 adds `dropped.spool_corrupt` (spool
+*records* that no longer read back), `dropped.spool_mismatch.<destination>` (events spooled
+for a different destination, skipped with `discardMismatch`) and `spool.write_errors`
+(appends that failed, disk full, and were retried); none of them is in that balance.
 
 Each child slot counts into its own `SharedCounters` block and the supervisor sums the
 blocks, so counts survive the death of the process that made them. Per run:
@@ -76,6 +79,8 @@ def received_side_drops(values: Mapping[str, int]) -> int:
         total(values, "dropped")
         - total(values, "dropped.destination_full")
         - values.get("dropped.kernel", 0)
+        - values.get("dropped.spool_corrupt", 0)
+        - total(values, "dropped.spool_mismatch")
     )
 
 

@@ -6,12 +6,26 @@ tests fail. A test that needs to stop or restart a server starts its own instanc
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from tests.localservers import InfluxServer, MosquittoServer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_state_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A service started without `spool.directory` spools under $STATE_DIRECTORY: keep
+    that inside the session's temporary directory, never in /var/lib or the home folder."""
+    before = os.environ.get("STATE_DIRECTORY")
+    os.environ["STATE_DIRECTORY"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if before is None:
+        del os.environ["STATE_DIRECTORY"]
+    else:
+        os.environ["STATE_DIRECTORY"] = before
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """`senseflow send`: a load generator an operator can point at any receiver.
 
-It sends a realistic, deterministic mix (see senseflow/commands/corpus.py) from K sockets, as K Sense
-proxies would, at a steady rate. Datagrams are generated before the clock starts and
+It sends a realistic, deterministic mix (see senseflow/commands/corpus.py) from K sockets,
+as K Sense proxies would, at a steady rate. Datagrams are generated before the clock starts and
 sent in bursts whose loop runs in C (`map(sock.send, ...)`), which is what lets one
 Python process hold 200,000+ datagrams/s; when it cannot keep up, it says so.
 """

@@ -7,12 +7,10 @@ import os
 import re
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import yaml
 
 from tests.localservers import InfluxServer, MosquittoServer, free_ports
+from workers.writer.segments import scan_segment
 
 SENSEFLOW = [sys.executable, "-m", "senseflow.cli"]
 
@@ -383,21 +382,14 @@ def spool_usage(directory: Path) -> tuple[int, int]:
 
 
 def spooled_events(directory: Path) -> int:
-    """Events in the complete records of a spool's segments, read only: the writer's own
-    recovery (workers.writer.spool.Spool) would cut off a record being appended right now."""
-    header = struct.Struct("<IIQI")  # length, crc32, seq, events: workers/writer/spool.py HEADER
+    """Events in the readable records of a spool's segments, read only: the writer's own
+    recovery (workers.writer.spool.Spool) would set aside a segment being created right now."""
     events = 0
     for segment in sorted(directory.glob("segment-*.log")):
         try:
             data = segment.read_bytes()
         except FileNotFoundError:
             continue
-        offset = 0
-        while offset + header.size <= len(data):
-            length, crc, _, count = header.unpack_from(data, offset)
-            payload = data[offset + header.size : offset + header.size + length]
-            if len(payload) < length or zlib.crc32(payload) != crc:
-                break
-            events += count
-            offset += header.size + length
+        first = int(segment.stem.removeprefix("segment-"))
+        events += sum(count for _, _, count in scan_segment(data, first).records)
     return events

@@ -1,4 +1,5 @@
-"""workers/writer/sinks/influx.py against a real InfluxDB 1.x and, for 2.x/3.x, a recording stand-in.
+"""workers/writer/sinks/influx.py against a real InfluxDB 1.x and, for 2.x/3.x, a recording
+stand-in.
 
 The stand-in is a plain `http.server` on loopback that records every request and answers
 /write and /api/v2/write from a script; it is used only where the test influxd cannot
@@ -362,7 +363,7 @@ def test_v1_sends_basic_auth_when_enabled(stand_in: StandIn, auth: bool) -> None
     assert queries == [
         ["SHOW DATABASES"],
         ['CREATE DATABASE "senseops"'],
-        ['CREATE RETENTION POLICY "short" ON "senseops" DURATION 2d REPLICATION 1'],
+        ['CREATE RETENTION POLICY "short" ON "senseops" DURATION 2d REPLICATION 1 DEFAULT'],
     ]
     (write,) = stand_in.writes()
     assert (write.method, write.path, write.body) == ("POST", "/write", b"".join(lines))

@@ -17,14 +17,20 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import msgspec
+
 from shared.counters import SharedCounters
 from shared.events import ENCODED_DECODER, EncodedBatch
 from workers.writer.sinks.base import Ack, Sink
-from workers.writer.spool import Dropped, Spool
+from workers.writer.spool import Dropped, Spool, SpoolCorrupt
 
 log = logging.getLogger("senseflow.writer")
 
 CACHE_BATCHES = 256
+SPOOL_CORRUPT = "dropped.spool_corrupt"
+"""Spool records (not events) that no longer read back: a damaged disk, a power loss."""
+SPOOL_MISMATCH = "dropped.spool_mismatch"
+"""`.<destination>`: events spooled for another destination, skipped (discardMismatch)."""
 
 
 class BatchCache:
@@ -102,10 +108,11 @@ class Feed:
                 await self.wake.wait()
                 continue
             self.idle.clear()
-            batch = self.cache.batches.get(seq)
-            if batch is None:
-                batch = ENCODED_DECODER.decode(self.spool.read(seq))
+            batch = self.cache.batches.get(seq) or read_batch(self.spool, seq, self.counters)
             self.next = seq + 1
+            if batch is None:  # damaged on disk: counted, passed over
+                self.acknowledged([(seq, 0, 0)])
+                continue
             await self.sink.write_batch(batch, seq)
 
     def _next_pending(self) -> int | None:
@@ -150,3 +157,15 @@ def cursor_key(destination: str) -> str:
 def limbo_key(destination: str) -> str:
     """Events given up by the spool while the sink held them, not yet acknowledged."""
     return f"_limbo.{destination}"
+
+
+def read_batch(spool: Spool, seq: int, counters: SharedCounters) -> EncodedBatch | None:
+    """A record from disk; None when it no longer reads back, counted `dropped.spool_corrupt`
+    (in records) once, whoever finds it, and never handed to anyone."""
+    try:
+        return ENCODED_DECODER.decode(spool.read(seq))
+    except (SpoolCorrupt, msgspec.DecodeError) as exc:
+        log.error("spool: record %d is unreadable (%s); skipped", seq, exc)
+    spool.forget(seq)
+    counters.commit({SPOOL_CORRUPT: 1})
+    return None

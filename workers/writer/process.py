@@ -27,6 +27,7 @@ from typing import Any
 import uvloop
 
 from shared import exitcodes
+from shared.backoff import Backoff
 from shared.config import Config
 from shared.counters import Counting, SharedCounters
 from shared.delivery import make_tracker
@@ -34,15 +35,26 @@ from shared.events import ENCODED_DECODER, EncodedBatch
 from shared.ipc import REPORT_INTERVAL, STOP, Channels, report, start_parent_watch
 from shared.logs import RateLimitedLog, setup_logging
 from shared.tasks import cancel_all, spawn
-from workers.writer.feeds import BatchCache, Feed, cursor_key, limbo_key
+from workers.writer.feeds import (
+    SPOOL_CORRUPT,
+    SPOOL_MISMATCH,
+    BatchCache,
+    Feed,
+    cursor_key,
+    limbo_key,
+    read_batch,
+)
 from workers.writer.sinks.base import DestinationUnreachable, Sink
-from workers.writer.spool import Spool
+from workers.writer.spool import Spool, SpoolWriteError
+from workers.writer.spooldir import destination_identities, spool_directory
 
 log = logging.getLogger("senseflow.writer")
 
 NAME = "writer"
 DRAIN_TIMEOUT = 60.0
 SPOOLED = "_spooled"
+SPOOL_WRITE_ERRORS = "spool.write_errors"
+"""Appends to the spool that failed (disk full...) and were retried."""
 """The first spool sequence number whose record this run has not counted yet."""
 
 
@@ -106,6 +118,7 @@ class Writer:
         self.feeds: list[Feed] = []
         self.feed_tasks: list[asyncio.Task[None]] = []
         self.drop_log = RateLimitedLog(log)
+        self.disk_backoff = Backoff(base=0.5, cap=10.0)
         self.failure: BaseException | None = None
 
     def orphaned(self) -> None:
@@ -144,18 +157,24 @@ class Writer:
 
     def open_spool(self) -> bool:
         options = self.config.pipeline.spool
+        names = [sink.name for sink in self.sinks]
+        identities = destination_identities(self.config, names)
+        directory = spool_directory(self.config, identities)
         try:
             self.spool = Spool(
-                options.directory,
-                [sink.name for sink in self.sinks],
+                directory,
+                names,
                 options.max_bytes,
                 options.segment_bytes,
                 options.fsync,
                 self.known_cursors(),
+                identities,
+                options.discard_mismatch,
             )
         except OSError as exc:
-            report(self.channels, NAME, "fatal", f"cannot use the spool {options.directory}: {exc}")
+            report(self.channels, NAME, "fatal", f"cannot use the spool {directory}: {exc}")
             return False
+        log.info("spool: %s", directory)
         self.delivery.use_spool(self.spool)  # /healthz and /metrics: what the spool holds
         return True
 
@@ -175,12 +194,14 @@ class Writer:
                 f"recovered.{name}": sum(spool.events_in(seq) for seq in spool.pending(name))
                 for name in spool.destinations
             }
+            damage = {SPOOL_CORRUPT: spool.corrupt_records} | {
+                f"{SPOOL_MISMATCH}.{name}": events for name, events in spool.discarded.items()
+            }
             cursors = {cursor_key(name): spool.cursors[name] for name in spool.destinations}
-            self.counters.commit(recovered, {SPOOLED: spool.next_seq, **cursors})
+            self.counters.commit(recovered | damage, {SPOOLED: spool.next_seq, **cursors})
             return
         for seq in range(self.counters.get(SPOOLED), spool.next_seq):
-            if seq in spool.index:
-                batch = ENCODED_DECODER.decode(spool.read(seq))
+            if seq in spool.index and (batch := read_batch(spool, seq, self.counters)):
                 self.counters.commit(batch.counters, {SPOOLED: seq + 1, **self.seen(batch)})
                 log.info("counted batch %d, spooled by the writer before a restart", seq)
         for name in spool.destinations:  # given up while the dead writer's sink held them
@@ -232,10 +253,25 @@ class Writer:
             if item is None:
                 continue
             if item != STOP:
-                self.take(item)
+                try:
+                    self.take(item)
+                except SpoolWriteError as exc:
+                    await self.wait_for_disk(exc)
+                    continue  # the batch stays in the channel: taken again
+                self.disk_backoff.reset()
             channel.discard_next()  # only now: spooled and counted
             if item == STOP:
                 return
+
+    async def wait_for_disk(self, error: SpoolWriteError) -> None:
+        """The spool could not append (disk full...): count, say so, retry later; the
+        channel holds the batch meanwhile and, once full, readers count what they drop."""
+        self.counters.commit({SPOOL_WRITE_ERRORS: 1})
+        first = self.disk_backoff.attempt == 0
+        delay = self.disk_backoff.next_delay()
+        message = "cannot append to the spool: %s; retrying in %.1f s"
+        (log.error if first else self.drop_log.warning)(message, error, delay)
+        await asyncio.sleep(delay)
 
     def take(self, item: bytes) -> None:
         batch = ENCODED_DECODER.decode(item)
@@ -246,8 +282,8 @@ class Writer:
             return  # spooled and counted before a restart of this writer
         sets = self.seen(batch)
         if batch.received_ns:
+            seq = self.spool_batch(item, batch)  # first: it may fail, to be retried
             self.delivery.accept(len(batch.received_ns))
-            seq = self.spool_batch(item, batch)
             sets[SPOOLED] = seq + 1
         self.counters.commit(batch.counters, sets)
         self.enforce_spool_limit()

@@ -1,43 +1,65 @@
 """The writer's on-disk spool: every encoded batch is appended here before any destination
 sees it, and each destination acknowledges what it delivered (SPEC 4, issue 5).
 
-A directory of append-only segment files holds records `[u32 length][u32 crc32][u64 seq]
-[u32 events][payload]`. Each destination has a cursor, the first sequence number it has
+A directory of append-only segment files (format: workers/writer/segments.py) holds
+numbered, checksummed records. Each destination has a cursor, the first sequence number it has
 not acknowledged; `ack` moves it over contiguous acknowledged records and says what it
 passed, so the writer counts an event as written exactly when its record falls behind the
 cursor, together with the cursor, in one commit of its shared counter block. A segment is
 deleted once every destination has acknowledged all of it.
 
 `cursors.json` keeps the cursors on disk for the next start of the service; it is
-rewritten (write + rename) by `sync()`, on the fsync timer, and at close; with the
-`always` policy on every move. A writer killed and restarted within a run takes the
-cursors from its counter block (exact); after a kill of the whole service, from the file,
-so that up to one fsync interval is delivered again: InfluxDB overwrites the identical
-point, MQTT QoS 1 is at-least-once anyway.
+rewritten (write, fsync, rename, fsync of the directory) by `sync()`, on the fsync timer,
+and at close; with the `always` policy on every move. When it is missing or unreadable
+while segments exist, every destination the segments were written for replays from the
+oldest record: delivering twice is harmless, skipping a backlog is not (issue 12).
+A writer killed and restarted within a run takes the cursors from its counter block
+(exact); after a kill of the whole service, from the file, so that up to one fsync
+interval is delivered again: InfluxDB overwrites the identical point, MQTT QoS 1 is
+at-least-once anyway.
 When the spool outgrows `max_bytes`, the oldest records not yet handed to a destination
 are dropped and counted per destination, so memory and disk both stay bounded.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import io
 import itertools
 import json
 import logging
 import os
-import struct
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from workers.writer.segments import (
+    RECORD,
+    encode_file_header,
+    encode_record,
+    fsync_directory,
+    open_safely,
+    read_file,
+    record_crc,
+    write_all,
+)
+from workers.writer.spooldir import prepare_directory
+from workers.writer.spoolrecovery import SEGMENT_PREFIX, Location, Recovery, check_destinations
+
 log = logging.getLogger("senseflow.spool")
 
-HEADER = struct.Struct("<IIQI")  # length, crc32 of the rest, seq, events
-SEGMENT_PREFIX = "segment-"
 CURSORS = "cursors.json"
 FsyncPolicy = Literal["never", "interval", "always"]
+
+
+class SpoolCorrupt(OSError):
+    """A record that no longer reads back as it was written."""
+
+
+class SpoolWriteError(OSError):
+    """An append that did not reach the disk (ENOSPC, EIO...); nothing of it is kept."""
 
 
 @dataclass(slots=True)
@@ -61,13 +83,6 @@ class Dropped:
     cursor: int
 
 
-@dataclass(slots=True)
-class Location:
-    segment: int  # first seq of the segment file
-    offset: int
-    events: int
-
-
 class Spool:
     def __init__(
         self,
@@ -77,60 +92,128 @@ class Spool:
         segment_bytes: int = 64 << 20,
         fsync: FsyncPolicy = "interval",
         known_cursors: dict[str, int] | None = None,
+        identities: dict[str, str] | None = None,
+        discard_mismatch: bool = False,
     ) -> None:
+        """`identities`: what each destination writes to (workers/writer/spooldir.py); a
+        backlog written for another refuses to open unless `discard_mismatch`."""
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        prepare_directory(self.directory)
         self._lock = self._lock_directory()
         self.destinations = destinations
+        self.identities = identities or {d: "" for d in destinations}
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.fsync = fsync
-        self.index: dict[int, Location] = {}
-        self.segments: dict[int, int] = {}  # first seq -> size in bytes
-        self.next_seq = 0
         self._acked: dict[str, dict[int, tuple[int, int]]] = {d: {} for d in destinations}
-        self._out: BinaryIO | None = None
+        self._out: io.FileIO | None = None
         self._out_segment = -1
+        self._out_header = 0  # bytes of its file header: `segment_bytes` counts records
         self._dirty = False
         self._cursors_dirty = False
         self._moved = False  # cursors moved in memory, not yet persisted
         self._doomed: list[int] = []  # segments given up, their files not yet deleted
-        self._recover()
-        saved = self._read_cursors()
-        for destination, cursor in (known_cursors or {}).items():
-            saved[destination] = max(cursor, saved.get(destination, 0))
-        # A destination new to this spool starts at its end: no backlog from before it existed.
-        self.cursors = {
-            d: max(saved.get(d, self.next_seq), self._first_seq()) for d in destinations
-        }
+        try:
+            self._open(known_cursors or {}, discard_mismatch)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _open(self, known_cursors: dict[str, int], discard_mismatch: bool) -> None:
+        recovery = Recovery.of(self.directory)
+        self.index = recovery.index
+        self.segments = recovery.segments  # first seq -> size in bytes
+        self.next_seq = recovery.next_seq
+        self.cursors = self._start_cursors(recovery, known_cursors)
+        self.next_seq = max(self.next_seq, *self.cursors.values(), 0)
+        self.corrupt_records = self._count_missing()
+        self.discarded = check_destinations(self, recovery.written_for, discard_mismatch)
         self._write_cursors()
         self._collect()
+
+    def _start_cursors(self, recovery: Recovery, known: dict[str, int]) -> dict[str, int]:
+        saved = self._read_cursors()
+        if saved is None and self.segments:
+            log.warning(
+                "spool: %s is missing or unreadable while %d record(s) are on disk: every "
+                "destination they were written for replays them from the oldest",
+                self.directory / CURSORS,
+                len(self.index),
+            )
+            recorded = {d for written in recovery.written_for.values() for d in written}
+            saved = dict.fromkeys(recorded, self._first_seq())
+        saved = saved or {}
+        for destination, cursor in known.items():
+            saved[destination] = max(cursor, saved.get(destination, 0))
+        # A destination new to this spool starts at its end: no backlog from before it existed.
+        first = self._first_seq()
+        return {d: max(saved.get(d, self.next_seq), first) for d in self.destinations}
+
+    def _count_missing(self) -> int:
+        """Records some destination still needed that no longer read back (damage)."""
+        low = max(self._first_seq(), min(self.cursors.values(), default=self.next_seq))
+        missing = sum(1 for seq in range(low, self.next_seq) if seq not in self.index)
+        if missing:
+            log.error("spool: %d record(s) were damaged on disk and are lost", missing)
+        return missing
 
     # -- writing ----------------------------------------------------------------------------
 
     def append(self, payload: bytes, events: int) -> int:
+        """Raises SpoolWriteError (disk full...) with nothing of the record kept."""
         seq = self.next_seq
-        body = HEADER.pack(len(payload), zlib.crc32(payload), seq, events) + payload
+        body = encode_record(seq, events, payload)
         out = self._segment_for(len(body))
-        offset = out.tell()
-        out.write(body)
-        out.flush()
-        if self.fsync == "always":
-            os.fsync(out.fileno())
+        offset = self.segments[self._out_segment]
+        try:
+            write_all(out, body)
+            if self.fsync == "always":
+                os.fsync(out.fileno())
+        except OSError as exc:
+            self._cut_back(out, offset)
+            raise SpoolWriteError(exc.errno, f"{self.directory}: {exc.strerror}") from exc
         self.index[seq] = Location(self._out_segment, offset, events)
         self.segments[self._out_segment] += len(body)
         self.next_seq = seq + 1
         self._dirty = True
         return seq
 
-    def _segment_for(self, size: int) -> BinaryIO:
-        if self._out is None or self.segments[self._out_segment] + size > self.segment_bytes:
+    def _cut_back(self, out: io.FileIO, offset: int) -> None:
+        try:
+            os.ftruncate(out.fileno(), offset)
+        except OSError:  # left as a damaged tail, skipped when read; append elsewhere
+            out.close()
+            self._out = None
+
+    def _segment_for(self, size: int) -> io.FileIO:
+        records = self.segments.get(self._out_segment, 0) - self._out_header
+        if self._out is None or records + size > self.segment_bytes:
             if self._out is not None:
                 self._out.close()
+                self._out = None
+            header = encode_file_header(self.identities)
+            self._out = self._create_segment(self._segment_path(self.next_seq), header)
             self._out_segment = self.next_seq
-            self.segments[self._out_segment] = 0
-            self._out = open(self._segment_path(self._out_segment), "ab")  # noqa: SIM115
+            self.segments[self._out_segment] = len(header)
+            self._out_header = len(header)
         return self._out
+
+    def _create_segment(self, path: Path, header: bytes) -> io.FileIO:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+        try:
+            out = os.fdopen(open_safely(path, flags), "ab", buffering=0)
+        except OSError as exc:
+            raise SpoolWriteError(exc.errno, f"{path}: {exc.strerror}") from exc
+        try:
+            write_all(out, header)
+            if self.fsync != "never":
+                os.fsync(out.fileno())
+                fsync_directory(self.directory)
+        except OSError as exc:
+            out.close()
+            path.unlink(missing_ok=True)
+            raise SpoolWriteError(exc.errno, f"{path}: {exc.strerror}") from exc
+        return out
 
     def sync(self) -> None:
         """fsync what was appended and save the cursors (called on a timer)."""
@@ -144,14 +227,30 @@ class Spool:
     # -- reading ----------------------------------------------------------------------------
 
     def read(self, seq: int) -> bytes:
+        """The record's payload; SpoolCorrupt when it no longer reads back as written."""
         where = self.index[seq]
-        with open(self._segment_path(where.segment), "rb") as segment:
+        try:
+            fd = open_safely(self._segment_path(where.segment), os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise SpoolCorrupt(exc.errno, f"spool record {seq}: its segment is gone") from exc
+        with os.fdopen(fd, "rb") as segment:
             segment.seek(where.offset)
-            length, crc, found_seq, _ = HEADER.unpack(segment.read(HEADER.size))
-            payload = segment.read(length)
-        if found_seq != seq or zlib.crc32(payload) != crc:
-            raise OSError(f"spool record {seq} is corrupt")
+            header = segment.read(RECORD.size)
+            payload = segment.read(RECORD.unpack(header)[0]) if len(header) == RECORD.size else b""
+        if len(header) < RECORD.size:
+            raise SpoolCorrupt(errno.EIO, f"spool record {seq} is cut short")
+        length, crc, found_seq, events = RECORD.unpack(header)
+        if (
+            found_seq != seq
+            or len(payload) != length
+            or record_crc(length, seq, events, payload) != crc
+        ):
+            raise SpoolCorrupt(errno.EIO, f"spool record {seq} is corrupt")
         return payload
+
+    def forget(self, seq: int) -> None:
+        """A record found corrupt: no destination will be handed it again."""
+        self.index.pop(seq, None)
 
     def events_in(self, seq: int) -> int:
         return self.index[seq].events
@@ -175,8 +274,8 @@ class Spool:
         if seq != cursor:
             return None
         passed = Passed(0, 0, cursor)
-        while cursor in acked:
-            done, rejected = acked.pop(cursor)
+        while cursor in acked or self._lost(cursor):
+            done, rejected = acked.pop(cursor, (0, 0))
             passed.written += done
             passed.failed += rejected
             cursor += 1
@@ -199,6 +298,10 @@ class Spool:
                 self._write_cursors()
             else:
                 self._cursors_dirty = True
+
+    def _lost(self, seq: int) -> bool:
+        """A record damaged on disk: cursors pass over it."""
+        return seq < self.next_seq and seq not in self.index
 
     def size_bytes(self) -> int:
         return sum(self.segments.values())
@@ -263,12 +366,16 @@ class Spool:
     def _lock_directory(self) -> BinaryIO:
         """One writer per spool: a second service on the same directory would replay and
         acknowledge the first one's records. The kernel releases the lock when we die."""
-        lock = open(self.directory / "lock", "ab")  # noqa: SIM115 - held until close()
+        fd = open_safely(self.directory / "lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        lock = os.fdopen(fd, "ab")
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
-            raise OSError(f"{self.directory} is in use by another senseflow writer") from None
+            raise OSError(
+                f"{self.directory} is in use by another senseflow writer (another service "
+                "with the same destinations? give each its own senseflow.spool.directory)"
+            ) from None
         return lock
 
     def _segment_path(self, first: int) -> Path:
@@ -278,47 +385,28 @@ class Spool:
         return min(self.segments, default=self.next_seq)
 
     def _write_cursors(self) -> None:
+        """Write, fsync, rename, fsync the directory: after a power loss the file is the
+        old one or the new one, never empty (policy `never`: no fsync)."""
         self._cursors_dirty = False
         temporary = self.directory / (CURSORS + ".tmp")
-        temporary.write_text(json.dumps(self.cursors), encoding="utf-8")
+        temporary.unlink(missing_ok=True)  # a link planted there is removed, not followed
+        fd = open_safely(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        with os.fdopen(fd, "wb") as file:
+            file.write(json.dumps(self.cursors).encode())
+            file.flush()
+            if self.fsync != "never":
+                os.fsync(file.fileno())
         os.replace(temporary, self.directory / CURSORS)
+        if self.fsync != "never":
+            fsync_directory(self.directory)
 
-    def _read_cursors(self) -> dict[str, int]:
+    def _read_cursors(self) -> dict[str, int] | None:
+        """None when missing, empty or unreadable."""
         try:
-            saved = json.loads((self.directory / CURSORS).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return {str(k): int(v) for k, v in saved.items()} if isinstance(saved, dict) else {}
-
-    def _recover(self) -> None:
-        """Index the records on disk; a torn record at the end of a segment is cut off."""
-        for path in sorted(self.directory.glob(f"{SEGMENT_PREFIX}*.log")):
-            first = int(path.stem.removeprefix(SEGMENT_PREFIX))
-            size = self._index_segment(path, first)
-            self.segments[first] = size
-        if self.segments:
-            log.info(
-                "spool: %d record(s) on disk in %d segment(s)", len(self.index), len(self.segments)
-            )
-
-    def _index_segment(self, path: Path, first: int) -> int:
-        with open(path, "r+b") as segment:
-            offset = 0
-            while True:
-                header = segment.read(HEADER.size)
-                if len(header) < HEADER.size:
-                    break
-                length, crc, seq, events = HEADER.unpack(header)
-                payload = segment.read(length)
-                if len(payload) < length or zlib.crc32(payload) != crc:
-                    break
-                self.index[seq] = Location(first, offset, events)
-                self.next_seq = max(self.next_seq, seq + 1)
-                offset += HEADER.size + length
-            if offset < path.stat().st_size:
-                log.warning("spool: cutting a torn record off %s at byte %d", path.name, offset)
-                segment.truncate(offset)
-        return offset
+            saved = json.loads(read_file(self.directory / CURSORS))
+            return {str(k): int(v) for k, v in saved.items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
 
     def close(self) -> None:
         self.persist()

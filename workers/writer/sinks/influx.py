@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from shared import influxql
 from shared.backoff import Backoff
 from shared.config import Config, InfluxdbConfig, InfluxTls
 from shared.counters import Counting
@@ -78,12 +79,6 @@ def load_context(tls: InfluxTls, where: str) -> ssl.SSLContext | None:
         raise DestinationUnreachable(f"InfluxDB at {where}: cannot load TLS files: {exc}") from exc
 
 
-def identifier(name: str) -> str:
-    """An InfluxQL double-quoted identifier."""
-    escaped = name.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
-
-
 class V1Transport:
     def __init__(self, cfg: InfluxdbConfig, timeout: float, tls: InfluxTls) -> None:
         v1 = cfg.v1_config
@@ -115,16 +110,39 @@ class V1Transport:
 
     async def _create(self) -> None:
         """Create the database and retention policy unless they exist. As with Butler SOS,
-        a user with only WRITE on an existing database (no admin privilege) can start."""
+        a user with only WRITE on an existing database (no admin privilege) can start, and
+        the policy becomes the database's default only when we create the database."""
         exists = self.db in await self._databases()
         if not exists:
-            await self._query(f"CREATE DATABASE {identifier(self.db)}")
-        if self.rp.name and self.rp.name != "autogen":
-            duration = self.rp.duration or "INF"
-            await self._query(
-                f"CREATE RETENTION POLICY {identifier(self.rp.name)} ON {identifier(self.db)} "
-                f"DURATION {duration} REPLICATION 1",
-                forbidden_ok=exists,
+            await self._query(influxql.create_database(self.db))
+            log.info("InfluxDB: created the database %s", self.db)
+        if not influxql.names_a_policy(self.rp):
+            return
+        statement = influxql.create_policy(self.db, self.rp, default=not exists)
+        await self._query(statement, forbidden_ok=exists)
+        if not exists:
+            log.info("InfluxDB: created the retention policy %s as its default", self.rp.name)
+        else:
+            await self._warn_unless_default()
+
+    async def _warn_unless_default(self) -> None:
+        """Points go to the configured policy; queries that name none read the default."""
+        try:
+            text = await self._query(f"SHOW RETENTION POLICIES ON {influxql.identifier(self.db)}")
+            rows = json.loads(text)["results"][0]["series"][0]["values"]
+            default = next((row[0] for row in rows if row[4] is True), None)
+        except (DestinationUnreachable, ValueError, LookupError, TypeError):
+            return  # no privilege to look: nothing to say
+        if default != self.rp.name:
+            log.warning(
+                "InfluxDB: the database %s existed, its default retention policy is %s, not "
+                "%s: queries that name no policy (Grafana, influx -database %s) do not see "
+                "the user events; to change that: %s",
+                self.db,
+                default,
+                self.rp.name,
+                self.db,
+                influxql.make_default(self.db, self.rp),
             )
 
     async def _databases(self) -> set[str]:
