@@ -85,7 +85,7 @@ class BatchingEndpoint(asyncio.DatagramProtocol):
         if self._allowed is not None and addr[0] not in self._allowed:
             self._drop("dropped.source_not_allowed")
             return
-        if self._limiter is not None and not self._limiter.allow():
+        if self._limiter is not None and not self._limiter.allow(addr[0]):
             self._drop("dropped.rate_limited")
             return
         if self._bytes + len(data) > self._max_bytes:

@@ -102,6 +102,8 @@ class Reader:
         self.shared = shared
         self.clock = ReceiveClock(index, config.pipeline.readers)
         self.kernel_drops = KernelDrops(sock)
+        self.index = index
+        self.limiter: RateLimiter | None = None
 
     def make_endpoint(self) -> BatchingEndpoint:
         udp = self.config.butler.user_events.udp_server_config
@@ -112,7 +114,13 @@ class Reader:
             log.info("source validation on: %d allowed address(es)", len(allowed))
         limiter = None
         if udp.rate_limit.enable:
-            limiter = RateLimiter(udp.rate_limit.max_messages_per_minute)
+            limiter = RateLimiter(
+                udp.rate_limit.max_messages_per_minute,
+                max_sources=pipe.rate_limit_max_sources,
+                counts=self.channels.sources,
+                index=self.index,
+            )
+        self.limiter = limiter
         return BatchingEndpoint(
             self.channels.raw,
             self.counters,
@@ -135,6 +143,8 @@ class Reader:
         while not self.channels.stop.is_set():
             await asyncio.sleep(REPORT_INTERVAL)
             self.count_kernel_drops()
+            if self.limiter is not None:
+                self.limiter.refresh()
         transport.close()
         await asyncio.sleep(0)
         await loop.run_in_executor(None, self.drain, endpoint)

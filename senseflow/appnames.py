@@ -19,13 +19,16 @@ waits on its report queue. A thread needs no slot, no readiness report and no re
 policy, and it cannot outlive the supervisor. It holds nothing that must be drained, so
 it is a daemon: a request hanging at exit cannot hold the supervisor up.
 
-The server's certificate must chain to `clientCertCA` (the site's Qlik CA). Its host name is
-not checked: `hostIP` is often an IP address that Qlik's certificates do not name, and
-Butler SOS (qrs-interact) checks nothing at all.
+The server's certificate must chain to `clientCertCA` (the site's Qlik CA) and name the
+server: `hostIP` itself (a DNS name, or an IP address in the certificate's IP SANs), or
+`senseflow.qrsServerName` when set. Qlik's node certificates name the node's host name,
+not its address, so with `hostIP` an address, set `qrsServerName` to that host name
+(Butler SOS, through qrs-interact, checks no name at all).
 """
 
 from __future__ import annotations
 
+import functools
 import http.client
 import logging
 import os
@@ -38,6 +41,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -72,7 +76,7 @@ def xrf_key() -> str:
 def qrs_tls_context(cert: Cert) -> ssl.SSLContext:
     """Mutual TLS: our client certificate, and a server certificate from the site's CA."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False  # see the module docstring
+    context.check_hostname = True  # against hostIP or qrsServerName: see the module docstring
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cafile=cert.client_cert_ca)
     # A password ("" when none) is always given: OpenSSL would otherwise prompt on the terminal.
@@ -82,14 +86,40 @@ def qrs_tls_context(cert: Cert) -> ssl.SSLContext:
     return context
 
 
+class NamedHTTPSConnection(http.client.HTTPSConnection):
+    """Connects to the address in the URL, and checks the certificate for `server_name`."""
+
+    def __init__(self, host: str, *, server_name: str, **kwargs: Any) -> None:
+        super().__init__(host, **kwargs)
+        self.server_name = server_name
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(  # type: ignore[attr-defined]
+            self.sock, server_hostname=self.server_name
+        )
+
+
+class NamedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, context: ssl.SSLContext, server_name: str) -> None:
+        super().__init__(context=context)
+        self.server_name = server_name
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        connection = functools.partial(NamedHTTPSConnection, server_name=self.server_name)
+        return self.do_open(connection, req, context=self._context)  # type: ignore[attr-defined]
+
+
 class QrsClient:
     """Fetches the app id -> name mapping from one Qlik Sense repository service."""
 
-    def __init__(self, host: str, context: ssl.SSLContext, port: int = QRS_PORT) -> None:
+    def __init__(
+        self, host: str, context: ssl.SSLContext, port: int = QRS_PORT, server_name: str = ""
+    ) -> None:
         self.base = f"https://{f'[{host}]' if ':' in host else host}:{port}"
         # No proxy: QRS is inside the site; HTTPS_PROXY is meant for the internet (New Relic).
         self.opener = urllib.request.build_opener(
-            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+            urllib.request.ProxyHandler({}), NamedHTTPSHandler(context, server_name or host)
         )
 
     def fetch(self) -> dict[str, str]:
@@ -127,7 +157,15 @@ class AppNamesPublisher:
             Path(tempfile.gettempdir()) / f"senseflow-{os.getpid()}-{secrets.token_hex(6)}"
         )
         self.path = str(self.directory / FILE_NAME) if self.enabled else ""
-        self.client = QrsClient(self.host, self._context(butler.cert)) if self.enabled else None
+        self.client = (
+            QrsClient(
+                self.host,
+                self._context(butler.cert),
+                server_name=config.pipeline.qrs_server_name,
+            )
+            if self.enabled
+            else None
+        )
         self.mapping: dict[str, str] | None = None
         self.failing = False
         self.stopping = threading.Event()

@@ -6,8 +6,9 @@ sees only its own share. Routing these few points through the writer would need 
 channel from the supervisor to the writer (data flows one way only) and would queue them
 behind up to `pendingEvents` user events exactly when InfluxDB is slow, which is when
 queue metrics matter. So: one small line-protocol POST per interval (stdlib HTTP, no
-event loop), isolated from the event path; a failed write is logged (rate-limited) and
-its counts are kept for the next attempt.
+event loop), isolated from the event path; a failed write is logged (rate-limited) and,
+unless InfluxDB refused it with a 4xx (which may be a partial write), its counts are kept
+for the next attempt.
 
 What Butler SOS writes, and where we read it (github.com/ptarmiganlabs/butler-sos):
 
@@ -56,6 +57,7 @@ from __future__ import annotations
 import base64
 import logging
 import socket
+import ssl
 import threading
 import time
 import urllib.error
@@ -70,6 +72,7 @@ from shared.config import Config, NameValue, redact
 from shared.counters import total
 from shared.delivery import LATENCY_BUCKETS
 from shared.logs import RateLimitedLog
+from shared.tls import client_context, scheme
 from workers.encode import escape_tag
 from workers.eventcount import event_counts_enabled
 
@@ -89,7 +92,15 @@ FLOAT_FIELDS = frozenset(
 
 
 class StatsWriteError(Exception):
-    pass
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def retryable(self) -> bool:
+        """No answer, 5xx, 408 or 429. Any other 4xx may have written part of the body
+        (InfluxDB's "partial write"), and sending it again would not help anyway."""
+        return self.status is None or self.status >= 500 or self.status in (408, 429)
 
 
 class InfluxTarget:
@@ -99,7 +110,15 @@ class InfluxTarget:
         cfg = config.butler.influxdb_config
         self.config = config
         self.version = cfg.version
-        self.base = f"http://{cfg.host}:{cfg.port}"
+        tls = config.pipeline.influx_tls
+        self.base = f"{scheme(tls)}://{cfg.host}:{cfg.port}"
+        self.tls_error = ""
+        try:
+            self.context = client_context(tls)
+        except OSError as exc:  # ssl.SSLError is one; fail closed: system trust only
+            self.tls_error = f"cannot load senseflow.influxTls files: {exc}"
+            log.error("InfluxDB statistics: %s", self.tls_error)
+            self.context = ssl.create_default_context()
         self.headers = {"Content-Type": "text/plain; charset=utf-8"}
         if cfg.version == 1:
             v1 = cfg.v1_config
@@ -151,12 +170,13 @@ class InfluxTarget:
             headers["Content-Type"] = "application/x-www-form-urlencoded"
         request = urllib.request.Request(url, data=body, method="POST", headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout, context=self.context) as response:
                 response.read()
         except urllib.error.HTTPError as exc:
             with exc:
                 text = exc.read().decode("utf-8", "replace")[:300]
-            raise StatsWriteError(redact(f"HTTP {exc.code}: {text.strip()}", self.config)) from None
+            message = redact(f"HTTP {exc.code}: {text.strip()}", self.config)
+            raise StatsWriteError(message, exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
             raise StatsWriteError(redact(f"{self.base}: {exc}", self.config)) from exc
 
@@ -419,5 +439,8 @@ class InfluxStats:
         try:
             self.target.post(body, timeout)
         except StatsWriteError as exc:
+            if not exc.retryable:
+                self.failures.warning("InfluxDB refused event counts (not sent again): %s", exc)
+                return
             self.supervisor.telemetry.restore_event_counts(counts)
             self.failures.warning("cannot write event counts to InfluxDB (kept for later): %s", exc)

@@ -47,9 +47,7 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -61,6 +59,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from senseflow.httpserver import HttpLimits, HttpServer, Request, Response
 from senseflow.telemetry import Histogram, Telemetry
 from shared.delivery import BATCH_BUCKETS, LATENCY_BUCKETS
 from shared.ipc import Channels
@@ -282,58 +281,39 @@ def histogram(
 
 
 class MetricsServer:
-    """`/metrics` and `/healthz` on a thread of the supervisor; `stop()` shuts it down."""
+    """`/metrics` and `/healthz` on the supervisor's HTTP server; `stop()` shuts it down."""
 
-    def __init__(self, supervisor: Observed, host: str, port: int) -> None:
+    def __init__(
+        self, supervisor: Observed, host: str, port: int, limits: HttpLimits | None = None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SenseflowCollector(supervisor))
         self.supervisor = supervisor
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(self))
-        self.httpd.daemon_threads = True  # one short request each; nothing to drain
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics-http")
+        self.http = HttpServer(host, port, limits)
+        self.http.route("/metrics", self.metrics_answer)
+        self.http.route("/healthz", self.health_answer, public=True)
+        self.http.route("/health", self.health_answer, public=True)
+        self.port = self.http.port
 
     def start(self) -> None:
-        self.thread.start()
+        self.http.start()
         log.info(
-            "metrics on http://%s:%d/metrics, health on /healthz",
-            self.httpd.server_address[0],
+            "metrics on http://%s:%d/metrics, health on /healthz%s",
+            self.http.address[0],
             self.port,
+            " (credentials required but for /healthz)" if self.http.limits.auth_required else "",
         )
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
+        self.http.stop()
 
     def metrics(self) -> bytes:
         return generate_latest(self.registry)
 
-    def health_answer(self) -> tuple[int, str, bytes]:
+    def metrics_answer(self, request: Request) -> Response:
+        return Response(200, CONTENT_TYPE_PLAIN_0_0_4, self.metrics())
+
+    def health_answer(self, request: Request) -> Response:
         health = self.supervisor.telemetry.health(draining=bool(self.supervisor.signals))
         body = json.dumps(health.as_dict()).encode()
-        return (200 if health.healthy else 503), "application/json", body
-
-
-def make_handler(server: MetricsServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self.answer(200, CONTENT_TYPE_PLAIN_0_0_4, server.metrics())
-            elif path in ("/healthz", "/health"):
-                self.answer(*server.health_answer())
-            else:
-                self.answer(404, "text/plain", b"not found: try /metrics or /healthz\n")
-
-        def answer(self, status: int, content_type: str, body: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("%s " + format, self.address_string(), *args)
-
-    return Handler
+        return Response(200 if health.healthy else 503, "application/json", body)

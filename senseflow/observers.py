@@ -29,7 +29,8 @@ def start_observers(supervisor: Any) -> Observers | None:
     pipe = supervisor.config.pipeline
     if pipe.metrics_port > 0:
         try:
-            server = MetricsServer(supervisor, pipe.metrics_host, pipe.metrics_port)
+            host = pipe.http.host or pipe.metrics_host
+            server = MetricsServer(supervisor, host, pipe.metrics_port, http_limits(pipe))
         except (OSError, OverflowError) as exc:
             log.error(
                 "cannot serve metrics on %s:%d: %s", pipe.metrics_host, pipe.metrics_port, exc
@@ -42,3 +43,12 @@ def start_observers(supervisor: Any) -> Observers | None:
         stats.start()
         observers.running.append(stats)
     return observers
+
+
+def http_limits(pipe: Any) -> Any:
+    from senseflow.httpserver import HttpLimits
+
+    http = pipe.http
+    return HttpLimits(
+        http.max_connections, http.request_timeout, http.token, http.username, http.password
+    )

@@ -29,7 +29,15 @@ from shared import exitcodes
 from shared.config import Config
 from shared.counters import SharedCounters, new_block, sum_counters, summary_line
 from shared.events import RAW_ENCODER, EncodedBatch
-from shared.ipc import REPORTS_CAPACITY, STOP, Channels, Flag, MessageChannel, drain_reports
+from shared.ipc import (
+    REPORTS_CAPACITY,
+    STOP,
+    Channels,
+    Flag,
+    MessageChannel,
+    SourceCounts,
+    drain_reports,
+)
 
 log = logging.getLogger("senseflow.supervisor")
 
@@ -125,6 +133,7 @@ class Supervisor:
             reports=MessageChannel(REPORTS_CAPACITY),
             stop=Flag(self.context),
             app_names_path=self.app_names.path,
+            sources=SourceCounts(self.context, pipe.readers),
         )
         self.totals: dict[str, int] = {}
         self.fences: list[bytes] = []  # for the writer: what dead workers held

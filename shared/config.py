@@ -247,6 +247,17 @@ class MqttOptions(Own, frozen=True):
     max_pending: int = 50_000
 
 
+class InfluxTls(Own, frozen=True):
+    """HTTPS to InfluxDB (1.x, 2.x, 3.x); the server's certificate is verified unless
+    `insecure`."""
+
+    enable: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    insecure: bool = False
+
+
 class SpoolOptions(Own, frozen=True):
     """The writer's on-disk spool (workers/writer/spool.py): everything waits there, bounded."""
 
@@ -260,6 +271,20 @@ class SpoolOptions(Own, frozen=True):
     """ms between fsyncs with `fsync: interval`."""
     discard_mismatch: bool = False
     """Skip, for a destination, the records spooled for a different one (issue 12)."""
+
+
+class HttpOptions(Own, frozen=True):
+    """The supervisor's HTTP server (senseflow/httpserver.py); the port is `metricsPort`."""
+
+    host: str = ""
+    """Overrides `metricsHost` when set."""
+    token: str = ""
+    """Bearer token required for every path but /healthz ('' : none)."""
+    username: str = ""
+    password: str = ""
+    """Basic auth required for every path but /healthz (with `username` set)."""
+    max_connections: int = 64
+    request_timeout: float = 10.0
 
 
 class Pipeline(Own, frozen=True):
@@ -284,7 +309,7 @@ class Pipeline(Own, frozen=True):
     pending_events: int = 100_000
     """Events a destination holds in memory; the rest waits in the spool."""
     metrics_port: int = 0
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"
     health_deadline: float = 30.0
     """/healthz: seconds a destination may acknowledge nothing while events wait for it."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -293,6 +318,14 @@ class Pipeline(Own, frozen=True):
     """user_events names: `seed` (SPEC 3) or what Butler SOS 15 writes (workers/encode.py)."""
     mqtt: MqttOptions = MqttOptions()
     spool: SpoolOptions = SpoolOptions()
+    http: HttpOptions = HttpOptions()
+    rate_limit_max_sources: int = 1024
+    """Source addresses the UDP rate limit tracks at once (each gets its fair share)."""
+    new_relic_allow_http: bool = False
+    influx_tls: InfluxTls = InfluxTls()
+    qrs_server_name: str = ""
+    """The name the QRS server's certificate must show ('' : `appNames.hostIP` itself)."""
+    """Send to an `http://` New Relic event URL (API keys in clear): only for a local proxy."""
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -378,6 +411,7 @@ def check_semantics(config: Config) -> list[str]:
         "reader_flush_ms",
         "ua_cache_size",
         "pending_events",
+        "rate_limit_max_sources",
     ):
         value = getattr(pipe, name)
         if value < 1:
@@ -395,6 +429,7 @@ def check_semantics(config: Config) -> list[str]:
             f"expected a port 0-65535, found {port}"
         )
     problems.extend(_check_new_relic_accounts(config.butler))
+    problems.extend(_check_new_relic_url(config))
     problems.extend(_check_metrics(pipe))
     problems.extend(_check_app_names(config.butler))
     return problems
@@ -406,6 +441,11 @@ def _check_metrics(pipe: Pipeline) -> list[str]:
         problems.append(
             f"{OWN_SECTION}.metricsPort: expected a port 0-65535 (0: off), "
             f"found {pipe.metrics_port}"
+        )
+    if pipe.http.max_connections < 1 or pipe.http.request_timeout <= 0:
+        problems.append(
+            f"{OWN_SECTION}.http: expected maxConnections >= 1 and requestTimeout > 0, found "
+            f"{pipe.http.max_connections} and {pipe.http.request_timeout}"
         )
     if pipe.health_deadline <= 0:
         problems.append(
@@ -476,6 +516,21 @@ def _check_new_relic_accounts(butler: ButlerSOS) -> list[str]:
         f"from thirdPartyToolsCredentials.newRelic, found {name!r}"
         for name in butler.user_events.send_to_new_relic.destination_account or []
         if name not in known
+    ]
+
+
+def _check_new_relic_url(config: Config) -> list[str]:
+    butler = config.butler
+    if not (butler.new_relic.enable and butler.user_events.send_to_new_relic.enable):
+        return []
+    url = butler.new_relic.event.url
+    if url.lower().startswith("https://"):
+        return []
+    if url.lower().startswith("http://") and config.pipeline.new_relic_allow_http:
+        return []
+    return [
+        f"{BUTLER_SECTION}.newRelic.event.url: expected an https:// URL (API keys must not "
+        f"travel in clear; {OWN_SECTION}.newRelicAllowHttp: true allows http://), found {url!r}"
     ]
 
 
@@ -666,6 +721,9 @@ def secrets(config: Config) -> list[str]:
         b.influxdb_config.v3_config.token,
         b.cert.client_cert_passphrase or "",
         config.pipeline.mqtt.password,
+        config.pipeline.http.token,
+        config.pipeline.http.password,
     ]
     found.extend(a.insert_api_key for a in b.third_party_tools_credentials.new_relic or [])
+    found.extend(h.value for h in b.new_relic.event.header or [])  # may carry credentials
     return [s for s in found if len(s) >= 3]

@@ -140,6 +140,20 @@ class Flag:
         return bool(self._value.value)
 
 
+class SourceCounts:
+    """Sources each reader rate-limits, one slot per reader in shared memory: a reader
+    stores its own slot (one store, no lock) and reads the sum (receiver/guards.py)."""
+
+    def __init__(self, context: Any, readers: int) -> None:
+        self._slots = context.RawArray(ctypes.c_long, max(1, readers))
+
+    def publish(self, index: int, count: int) -> None:
+        self._slots[index] = count
+
+    def total(self) -> int:
+        return sum(self._slots)
+
+
 @dataclass(frozen=True)
 class Channels:
     raw: MessageChannel
@@ -150,6 +164,8 @@ class Channels:
     stop: Flag
     app_names_path: str = ""
     """Where the supervisor publishes the app names it fetches from QRS ('' when it does not)."""
+    sources: SourceCounts | None = None
+    """Per-reader counts of rate-limited sources, so that the rate limit is service-wide."""
 
 
 REPORTS_CAPACITY = 4 * 1024 * 1024

@@ -115,10 +115,19 @@ class Worker:
         if batch.counters.keys() - {"events"}:
             self.log_invalid(batch.counters, raw)
         # Sent even when it holds no event: the writer counts its invalid and excluded.
-        self.channels.encoded.send(message)
+        if not self.send(message):
+            return
         self.number += 1
         self.held -= batch.datagrams
         self.counters.commit({}, {NUMBER: self.number, HELD: self.held})
+
+    def send(self, message: bytes) -> bool:
+        """Wait for room as long as it takes, unless the supervisor dies meanwhile (then
+        nobody will ever read the channel: give up, and `serve()` ends)."""
+        while not self.channels.encoded.send(message, timeout=REPORT_INTERVAL):
+            if self.orphan:
+                return False
+        return True
 
     def log_invalid(self, counters: dict[str, int], raw: RawBatch) -> None:
         reasons = {k: v for k, v in counters.items() if k.startswith("invalid.")}

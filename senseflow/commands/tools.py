@@ -178,8 +178,11 @@ def check_influxdb(config: Config, timeout: float) -> tuple[bool, str]:
     from senseflow.influxstats import InfluxTarget, StatsWriteError
 
     target = InfluxTarget(config)
+    if target.tls_error:
+        return False, f"InfluxDB at {target.base}: {target.tls_error}"
     try:
-        with urllib.request.urlopen(f"{target.base}/ping", timeout=timeout) as response:
+        ping = f"{target.base}/ping"
+        with urllib.request.urlopen(ping, timeout=timeout, context=target.context) as response:
             version = response.headers.get("X-Influxdb-Version", "?")
     except urllib.error.HTTPError as exc:
         version = exc.headers.get("X-Influxdb-Version", "?")  # 2.x/3.x may want a token

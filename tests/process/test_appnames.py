@@ -301,6 +301,45 @@ def test_a_server_outside_the_site_ca_is_refused(pki: Pki) -> None:
 # -- publishing to the workers ---------------------------------------------------------------
 
 
+def test_a_site_certificate_for_another_server_is_refused(pki: Pki) -> None:
+    """Signed by the site's CA, but naming another node: a man in the middle inside the site."""
+    host = free_loopback_host()
+    other = make_leaf(pki.directory, f"other-node-{host}", pki.ca, server_ip="127.0.0.1")
+    stand_in = Qrs(other, pki.ca.cert, host).start()
+    try:
+        with pytest.raises(urllib.error.URLError) as refused:
+            QrsClient(host, qrs_tls_context(make_config(stand_in, pki).butler.cert)).fetch()
+        assert isinstance(refused.value.reason, ssl.SSLCertVerificationError)
+        assert "IP address mismatch" in str(refused.value.reason)
+        assert stand_in.requests == []
+    finally:
+        stand_in.stop()
+
+
+def test_qrs_server_name_matches_a_node_certificate_that_names_no_address(pki: Pki) -> None:
+    host = free_loopback_host()
+    node = make_leaf(pki.directory, f"node-{host}", pki.ca, server_dns="sense-node1.example.test")
+    stand_in = Qrs(node, pki.ca.cert, host).start()
+    stand_in.apps = {APP_SALES: "Sales dashboard"}
+    document = {"Butler-SOS": app_names_section(stand_in, pki)}
+    try:
+        by_address = AppNamesPublisher(config_from_document(document, {}))
+        assert by_address.client is not None
+        with pytest.raises(urllib.error.URLError):
+            by_address.client.fetch()
+        document["senseflow"] = {"qrsServerName": "sense-node1.example.test"}
+        by_name = AppNamesPublisher(config_from_document(document, {}))
+        assert by_name.client is not None
+        assert by_name.client.fetch() == {APP_SALES: "Sales dashboard"}
+        document["senseflow"] = {"qrsServerName": "sense-node2.example.test"}
+        wrong_name = AppNamesPublisher(config_from_document(document, {}))
+        assert wrong_name.client is not None
+        with pytest.raises(urllib.error.URLError):
+            wrong_name.client.fetch()
+    finally:
+        stand_in.stop()
+
+
 def test_published_names_follow_renames_and_outlive_an_outage(
     qrs: Qrs, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:

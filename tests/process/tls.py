@@ -54,9 +54,16 @@ def make_ca(directory: Path, name: str) -> Identity:
 
 
 def make_leaf(
-    directory: Path, name: str, ca: Identity, *, server_ip: str = "", passphrase: str = ""
+    directory: Path,
+    name: str,
+    ca: Identity,
+    *,
+    server_ip: str = "",
+    passphrase: str = "",
+    server_dns: str = "",
 ) -> Identity:
-    """A server certificate for `server_ip`, or (without it) a client certificate."""
+    """A server certificate for `server_ip` (or, with `server_dns`, for that DNS name
+    only, as Qlik's node certificates are), or (without either) a client certificate."""
     cert, key, csr = (directory / f"{name}{suffix}" for suffix in (".pem", ".key", ".csr"))
     openssl(
         "req",
@@ -71,17 +78,19 @@ def make_leaf(
         "-out",
         str(csr),
         "-subj",
-        f"/CN={server_ip or name}",
+        f"/CN={server_dns or server_ip or name}",
     )
     extensions = directory / f"{name}.ext"
-    usage = "serverAuth" if server_ip else "clientAuth"
+    usage = "serverAuth" if server_ip or server_dns else "clientAuth"
     lines = [
         "basicConstraints=CA:FALSE",
         f"extendedKeyUsage={usage}",
         "subjectKeyIdentifier=hash",
         "authorityKeyIdentifier=keyid",
     ]
-    if server_ip:
+    if server_dns:
+        lines.append(f"subjectAltName=DNS:{server_dns}")
+    elif server_ip:
         lines.append(f"subjectAltName=IP:{server_ip}")
     extensions.write_text("\n".join(lines) + "\n")
     openssl(

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,10 +22,11 @@ import aiohttp
 
 from shared import influxql
 from shared.backoff import Backoff
-from shared.config import Config, InfluxdbConfig
+from shared.config import Config, InfluxdbConfig, InfluxTls
 from shared.counters import Counting
 from shared.events import EncodedBatch
 from shared.tasks import cancel_all, spawn
+from shared.tls import client_context, scheme
 from workers.writer.sinks.base import (
     Acknowledge,
     ChunkQueue,
@@ -70,10 +72,18 @@ def basic_auth(username: str, password: str) -> str:
     return f"Basic {credentials}"
 
 
+def load_context(tls: InfluxTls, where: str) -> ssl.SSLContext | None:
+    try:
+        return client_context(tls)
+    except OSError as exc:  # ssl.SSLError is one
+        raise DestinationUnreachable(f"InfluxDB at {where}: cannot load TLS files: {exc}") from exc
+
+
 class V1Transport:
-    def __init__(self, cfg: InfluxdbConfig, timeout: float) -> None:
+    def __init__(self, cfg: InfluxdbConfig, timeout: float, tls: InfluxTls) -> None:
         v1 = cfg.v1_config
-        self.base = f"http://{cfg.host}:{cfg.port}"
+        self.tls = tls
+        self.base = f"{scheme(tls)}://{cfg.host}:{cfg.port}"
         self.params = {"db": v1.db_name, "precision": "ns"}
         if v1.retention_policy.name:
             self.params["rp"] = v1.retention_policy.name
@@ -86,7 +96,12 @@ class V1Transport:
         self.session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
-        self.session = aiohttp.ClientSession(timeout=self.timeout, headers=self.headers)
+        context = load_context(self.tls, self.base)
+        self.session = aiohttp.ClientSession(
+            timeout=self.timeout,
+            headers=self.headers,
+            connector=aiohttp.TCPConnector(ssl=context if context is not None else True),
+        )
         try:
             await self._create()
         except BaseException:
@@ -179,8 +194,9 @@ class V1Transport:
 class ClientTransport:
     """InfluxDB 2.x (org, bucket, token) and 3.x (database, token) via influxdb-client."""
 
-    def __init__(self, cfg: InfluxdbConfig, timeout: float) -> None:
-        self.url = f"http://{cfg.host}:{cfg.port}"
+    def __init__(self, cfg: InfluxdbConfig, timeout: float, tls: InfluxTls) -> None:
+        self.tls = tls
+        self.url = f"{scheme(tls)}://{cfg.host}:{cfg.port}"
         if cfg.version == 2:
             self.token, self.org, self.bucket = (
                 cfg.v2_config.token,
@@ -198,8 +214,10 @@ class ClientTransport:
         # (InfluxDBClientAsync raises otherwise), and the writer builds its sinks before it.
         from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 
+        context = load_context(self.tls, self.url)
+        extra = {} if context is None else {"ssl_context": context}
         self.client = InfluxDBClientAsync(
-            url=self.url, token=self.token, org=self.org, timeout=self.timeout_ms
+            url=self.url, token=self.token, org=self.org, timeout=self.timeout_ms, **extra
         )
         self.write_api = self.client.write_api()
         try:
@@ -245,7 +263,9 @@ class InfluxSink:
         pipe = config.pipeline
         timeout = cfg.v3_config.write_timeout / 1000 if cfg.version == 3 else 10.0
         self.transport: V1Transport | ClientTransport = (
-            V1Transport(cfg, timeout) if cfg.version == 1 else ClientTransport(cfg, timeout)
+            V1Transport(cfg, timeout, pipe.influx_tls)
+            if cfg.version == 1
+            else ClientTransport(cfg, timeout, pipe.influx_tls)
         )
         self.counters = counters
         self.on_delivered = on_delivered
