@@ -1,0 +1,137 @@
+"""`check-config` for MQTT: our own publisher's handshake, then a probe on every topic.
+
+MQTT 3.1.1 has no reason codes: a broker whose ACL denies a topic acknowledges the
+PUBLISH and drops the message, so senseflow would count as written what nobody gets. The
+only way to tell is to publish a probe to each enabled topic and read it back on a
+subscription, with the service's own credentials. Subscribers of those topics see one
+probe message each (`messageType` `senseflow-probe`).
+
+The check never uses the service's client id: a broker that sees one id twice drops the
+older connection, which would be the running service's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import ssl
+
+import aiomqtt
+import msgspec
+
+from shared.config import Config, redact
+
+PROBE_TYPE = "senseflow-probe"
+SUBSCRIBE_FAILED = 0x80
+
+
+def check_client_id(config: Config) -> str:
+    """A client id of the check's own, recognisably derived from the service's."""
+    from workers.writer.sinks.mqtt import default_client_id
+
+    base = config.pipeline.mqtt.client_id or default_client_id().rpartition("-")[0]
+    return f"{base}-check-{secrets.token_hex(4)}"
+
+
+def with_client_id(config: Config, client_id: str) -> Config:
+    pipe = config.pipeline
+    mqtt = msgspec.structs.replace(pipe.mqtt, client_id=client_id)
+    return msgspec.structs.replace(config, pipeline=msgspec.structs.replace(pipe, mqtt=mqtt))
+
+
+def enabled_topics(config: Config) -> list[str]:
+    post_to = config.butler.user_events.send_to_mqtt.post_to
+    topics = (getattr(post_to, field) for field in post_to.__struct_fields__)
+    return list(dict.fromkeys(t.topic for t in topics if t.enable and t.topic))
+
+
+async def check_mqtt(config: Config, timeout: float) -> tuple[bool, str]:
+    """(ok, one line): connect as the service does, then probe every enabled topic."""
+    from shared.counters import Counters
+    from workers.writer.sinks.base import DestinationUnreachable
+    from workers.writer.sinks.mqtt import MqttSink
+
+    client_id = check_client_id(config)
+    sink = MqttSink(with_client_id(config, client_id), Counters())
+    try:
+        await asyncio.wait_for(sink.start(), timeout)
+    except (DestinationUnreachable, TimeoutError) as exc:
+        return False, redact(str(exc) or f"no answer within {timeout:g} s", config)
+    await sink.close()
+    tls = sink.tls_context()
+    swallowed, unverified = await probe_topics(config, f"{client_id}-probe", tls, timeout)
+    return not swallowed, redact(describe(config, client_id, swallowed, unverified), config)
+
+
+async def probe_topics(
+    config: Config, client_id: str, tls: ssl.SSLContext | None, timeout: float
+) -> tuple[list[str], list[str]]:
+    """Publish a probe to each topic and wait for it on a subscription.
+
+    Returns (topics whose probe never came back, topics the broker would not let us read).
+    """
+    broker, options = config.butler.mqtt_config, config.pipeline.mqtt
+    nonce = secrets.token_hex(8)
+    client = aiomqtt.Client(
+        broker.broker_host,
+        broker.broker_port,
+        username=options.username or None,
+        password=options.password or None,
+        identifier=client_id,
+        tls_context=tls,
+        timeout=timeout,
+    )
+    topics = enabled_topics(config)
+    async with client:
+        readable = [t for t in topics if await _subscribed(client, t, options.qos)]
+        for topic in readable:
+            payload = json.dumps({"messageType": PROBE_TYPE, "topic": topic, "nonce": nonce})
+            await client.publish(topic, payload, qos=options.qos)
+        waiting = set(readable)
+        try:
+            async with asyncio.timeout(timeout):
+                async for message in client.messages:
+                    if isinstance(message.payload, bytes) and nonce.encode() in message.payload:
+                        waiting.discard(message.topic.value)
+                    if not waiting:
+                        break
+        except TimeoutError:
+            pass
+    unreadable = [t for t in topics if t not in readable]
+    return [t for t in readable if t in waiting], unreadable
+
+
+async def _subscribed(client: aiomqtt.Client, topic: str, qos: int) -> bool:
+    granted = await client.subscribe(topic, qos)
+    return all(getattr(code, "value", code) != SUBSCRIBE_FAILED for code in granted)
+
+
+def describe(config: Config, client_id: str, swallowed: list[str], unverified: list[str]) -> str:
+    broker, options = config.butler.mqtt_config, config.pipeline.mqtt
+    parts = [
+        f"MQTT broker {broker.broker_host}:{broker.broker_port} accepted our CONNECT "
+        f"(check client id {client_id})"
+    ]
+    if swallowed:
+        parts.append(
+            "the broker SWALLOWED the probe published to "
+            + ", ".join(repr(t) for t in swallowed)
+            + ": acknowledged but never delivered (an ACL denies publishing there for this "
+            "user?); senseflow would count such events as written"
+        )
+    probed = len(enabled_topics(config)) - len(swallowed) - len(unverified)
+    parts.append(f"probe read back on {probed} topic(s)")
+    if unverified:
+        parts.append(
+            "not verified (the broker refused our subscription): "
+            + ", ".join(repr(t) for t in unverified)
+        )
+    if options.qos == 2:
+        parts.append(
+            "QoS 2 is exactly-once while the broker keeps our session; after a broker "
+            "restart that lost it, at-least-once"
+        )
+    if options.password and not options.tls.enable:
+        parts.append("WARNING: the password is sent without TLS")
+    return "; ".join(parts)
