@@ -13,6 +13,7 @@ older connection, which would be the running service's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import ssl
@@ -69,11 +70,30 @@ async def probe_topics(
 ) -> tuple[list[str], list[str]]:
     """Publish a probe to each topic and wait for it on a subscription.
 
-    Returns (topics whose probe never came back, topics the broker would not let us read).
+    Each probe goes out on a connection of its own: mosquitto 2.0 acknowledges a PUBLISH
+    its ACL denies and then closes the connection. Returns (topics whose probe never came
+    back, topics the broker would not let us read).
     """
-    broker, options = config.butler.mqtt_config, config.pipeline.mqtt
     nonce = secrets.token_hex(8)
-    client = aiomqtt.Client(
+    topics = enabled_topics(config)
+    qos = config.pipeline.mqtt.qos
+    async with _client(config, f"{client_id}-sub", tls, timeout) as subscriber:
+        readable = [t for t in topics if await _subscribed(subscriber, t, qos)]
+        for index, topic in enumerate(readable):
+            payload = json.dumps({"messageType": PROBE_TYPE, "topic": topic, "nonce": nonce})
+            with contextlib.suppress(aiomqtt.MqttError):  # refused: it will not come back
+                async with _client(config, f"{client_id}-{index}", tls, timeout) as publisher:
+                    await publisher.publish(topic, payload, qos=qos)
+        waiting = await _wait_for_probes(subscriber, set(readable), nonce.encode(), timeout)
+    unreadable = [t for t in topics if t not in readable]
+    return [t for t in readable if t in waiting], unreadable
+
+
+def _client(
+    config: Config, client_id: str, tls: ssl.SSLContext | None, timeout: float
+) -> aiomqtt.Client:
+    broker, options = config.butler.mqtt_config, config.pipeline.mqtt
+    return aiomqtt.Client(
         broker.broker_host,
         broker.broker_port,
         username=options.username or None,
@@ -82,24 +102,22 @@ async def probe_topics(
         tls_context=tls,
         timeout=timeout,
     )
-    topics = enabled_topics(config)
-    async with client:
-        readable = [t for t in topics if await _subscribed(client, t, options.qos)]
-        for topic in readable:
-            payload = json.dumps({"messageType": PROBE_TYPE, "topic": topic, "nonce": nonce})
-            await client.publish(topic, payload, qos=options.qos)
-        waiting = set(readable)
-        try:
-            async with asyncio.timeout(timeout):
-                async for message in client.messages:
-                    if isinstance(message.payload, bytes) and nonce.encode() in message.payload:
-                        waiting.discard(message.topic.value)
-                    if not waiting:
-                        break
-        except TimeoutError:
-            pass
-    unreadable = [t for t in topics if t not in readable]
-    return [t for t in readable if t in waiting], unreadable
+
+
+async def _wait_for_probes(
+    client: aiomqtt.Client, waiting: set[str], nonce: bytes, timeout: float
+) -> set[str]:
+    """The topics of `waiting` whose probe did not arrive within `timeout`."""
+    if not waiting:
+        return waiting
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            async for message in client.messages:
+                if isinstance(message.payload, bytes) and nonce in message.payload:
+                    waiting.discard(message.topic.value)
+                if not waiting:
+                    break
+    return waiting
 
 
 async def _subscribed(client: aiomqtt.Client, topic: str, qos: int) -> bool:
