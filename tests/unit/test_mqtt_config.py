@@ -84,7 +84,9 @@ def test_topics_are_not_checked_when_mqtt_or_the_topic_is_off() -> None:
 @pytest.mark.parametrize("key", ["maxInflight", "maxPending"])
 @pytest.mark.parametrize("value", [0, -5])
 def test_windows_hold_at_least_one_message(key: str, value: int) -> None:
-    assert problems(document(**{key: value})) == [
+    doc = document()
+    doc["senseflow"]["mqtt"][key] = value
+    assert problems(doc) == [
         f"senseflow.mqtt.{key}: expected an integer >= 1, found {value}"
     ]
 

@@ -1,4 +1,6 @@
-"""workers/writer/sinks/mqtt_protocol.py: MQTT 3.1.1 packets byte for byte (OASIS MQTT 3.1.1, ch. 2-3).
+"""workers/writer/sinks/mqtt_protocol.py: MQTT 3.1.1 packets byte for byte.
+
+The standard is OASIS MQTT 3.1.1, chapters 2-3.
 
 Expected bytes are written out from the standard, not computed with the module's helpers.
 """
