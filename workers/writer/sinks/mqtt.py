@@ -47,6 +47,8 @@ CONNECT_TIMEOUT = 10.0
 KEEPALIVE = 30
 STABLE_CONNECTION = 10.0
 """Seconds a connection must last before a drop starts the reconnect backoff afresh."""
+DISCARD_TIMEOUT = 2.0
+"""Seconds shutdown gives the connection that discards our QoS 2 session on the broker."""
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 MAX_PACKET_ID = 0xFFFF
 QOS2_WINDOW = 20
@@ -427,8 +429,8 @@ class MqttSink:
 
     async def _discard_session(self) -> None:
         """Everything is acknowledged: leave no session of ours behind in the broker."""
-        with contextlib.suppress(DestinationUnreachable):
-            await self.connect()
+        with contextlib.suppress(DestinationUnreachable, TimeoutError):
+            await asyncio.wait_for(self.connect(), DISCARD_TIMEOUT)
             await self._disconnect()
 
 
