@@ -86,9 +86,7 @@ def test_topics_are_not_checked_when_mqtt_or_the_topic_is_off() -> None:
 def test_windows_hold_at_least_one_message(key: str, value: int) -> None:
     doc = document()
     doc["senseflow"]["mqtt"][key] = value
-    assert problems(doc) == [
-        f"senseflow.mqtt.{key}: expected an integer >= 1, found {value}"
-    ]
+    assert problems(doc) == [f"senseflow.mqtt.{key}: expected an integer >= 1, found {value}"]
 
 
 def test_qos_is_0_1_or_2() -> None:
