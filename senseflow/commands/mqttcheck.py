@@ -17,6 +17,8 @@ import contextlib
 import json
 import secrets
 import ssl
+from dataclasses import dataclass, field
+from typing import Any
 
 import aiomqtt
 import msgspec
@@ -47,12 +49,30 @@ def enabled_topics(config: Config) -> list[str]:
     return list(dict.fromkeys(t.topic for t in topics if t.enable and t.topic))
 
 
+@dataclass
+class Probes:
+    """What became of the probe published to each enabled topic."""
+
+    topics: list[str]
+    swallowed: list[str] = field(default_factory=list)
+    """Acknowledged by the broker, never delivered."""
+    refused: list[str] = field(default_factory=list)
+    """The broker closed the connection instead of acknowledging."""
+    unverified: list[str] = field(default_factory=list)
+    """The broker refused our subscription: we cannot tell."""
+
+    @property
+    def read_back(self) -> int:
+        return len(self.topics) - len(self.swallowed + self.refused + self.unverified)
+
+
 async def check_mqtt(config: Config, timeout: float) -> tuple[bool, str]:
     """(ok, one line): connect as the service does, then probe every enabled topic."""
     from shared.counters import Counters
     from workers.writer.sinks.base import DestinationUnreachable
     from workers.writer.sinks.mqtt import MqttSink
 
+    asyncio.get_running_loop().set_exception_handler(_quiet_about_dropped_connections)
     client_id = check_client_id(config)
     sink = MqttSink(with_client_id(config, client_id), Counters())
     try:
@@ -60,33 +80,46 @@ async def check_mqtt(config: Config, timeout: float) -> tuple[bool, str]:
     except (DestinationUnreachable, TimeoutError) as exc:
         return False, redact(str(exc) or f"no answer within {timeout:g} s", config)
     await sink.close()
-    tls = sink.tls_context()
-    swallowed, unverified = await probe_topics(config, f"{client_id}-probe", tls, timeout)
-    return not swallowed, redact(describe(config, client_id, swallowed, unverified), config)
+    probes = await probe_topics(config, f"{client_id}-probe", sink.tls_context(), timeout)
+    ok = not (probes.swallowed or probes.refused)
+    return ok, redact(describe(config, client_id, probes), config)
+
+
+def _quiet_about_dropped_connections(
+    loop: asyncio.AbstractEventLoop, context: dict[str, Any]
+) -> None:
+    """A broker closing a probe's connection leaves aiomqtt futures nobody awaits: that is
+    the finding reported, not something to print a traceback for."""
+    if not isinstance(context.get("exception"), aiomqtt.MqttError):
+        loop.default_exception_handler(context)
 
 
 async def probe_topics(
     config: Config, client_id: str, tls: ssl.SSLContext | None, timeout: float
-) -> tuple[list[str], list[str]]:
+) -> Probes:
     """Publish a probe to each topic and wait for it on a subscription.
 
     Each probe goes out on a connection of its own: mosquitto 2.0 acknowledges a PUBLISH
-    its ACL denies and then closes the connection. Returns (topics whose probe never came
-    back, topics the broker would not let us read).
+    its ACL denies and then closes the connection.
     """
     nonce = secrets.token_hex(8)
-    topics = enabled_topics(config)
+    probes = Probes(enabled_topics(config))
     qos = config.pipeline.mqtt.qos
     async with _client(config, f"{client_id}-sub", tls, timeout) as subscriber:
-        readable = [t for t in topics if await _subscribed(subscriber, t, qos)]
-        for index, topic in enumerate(readable):
+        for index, topic in enumerate(probes.topics):
+            if not await _subscribed(subscriber, topic, qos):
+                probes.unverified.append(topic)
+                continue
             payload = json.dumps({"messageType": PROBE_TYPE, "topic": topic, "nonce": nonce})
-            with contextlib.suppress(aiomqtt.MqttError):  # refused: it will not come back
+            try:
                 async with _client(config, f"{client_id}-{index}", tls, timeout) as publisher:
                     await publisher.publish(topic, payload, qos=qos)
-        waiting = await _wait_for_probes(subscriber, set(readable), nonce.encode(), timeout)
-    unreadable = [t for t in topics if t not in readable]
-    return [t for t in readable if t in waiting], unreadable
+            except aiomqtt.MqttError:
+                probes.refused.append(topic)
+        sent = set(probes.topics) - set(probes.unverified + probes.refused)
+        missing = await _wait_for_probes(subscriber, sent, nonce.encode(), timeout)
+    probes.swallowed = [t for t in probes.topics if t in missing]
+    return probes
 
 
 def _client(
@@ -125,25 +158,28 @@ async def _subscribed(client: aiomqtt.Client, topic: str, qos: int) -> bool:
     return all(getattr(code, "value", code) != SUBSCRIBE_FAILED for code in granted)
 
 
-def describe(config: Config, client_id: str, swallowed: list[str], unverified: list[str]) -> str:
+def describe(config: Config, client_id: str, probes: Probes) -> str:
     broker, options = config.butler.mqtt_config, config.pipeline.mqtt
     parts = [
         f"MQTT broker {broker.broker_host}:{broker.broker_port} accepted our CONNECT "
         f"(check client id {client_id})"
     ]
-    if swallowed:
+    if probes.swallowed:
         parts.append(
-            "the broker SWALLOWED the probe published to "
-            + ", ".join(repr(t) for t in swallowed)
-            + ": acknowledged but never delivered (an ACL denies publishing there for this "
+            f"the broker SWALLOWED the probe published to {_names(probes.swallowed)}: "
+            "acknowledged but never delivered (an ACL denies publishing there for this "
             "user?); senseflow would count such events as written"
         )
-    probed = len(enabled_topics(config)) - len(swallowed) - len(unverified)
-    parts.append(f"probe read back on {probed} topic(s)")
-    if unverified:
+    if probes.refused:
         parts.append(
-            "not verified (the broker refused our subscription): "
-            + ", ".join(repr(t) for t in unverified)
+            f"the broker REFUSED the probe published to {_names(probes.refused)}: it closed "
+            f"the connection instead of acknowledging (an ACL, or QoS {options.qos} "
+            "unsupported?)"
+        )
+    parts.append(f"probe read back on {probes.read_back} topic(s)")
+    if probes.unverified:
+        parts.append(
+            f"not verified (the broker refused our subscription): {_names(probes.unverified)}"
         )
     if options.qos == 2:
         parts.append(
@@ -153,3 +189,7 @@ def describe(config: Config, client_id: str, swallowed: list[str], unverified: l
     if options.password and not options.tls.enable:
         parts.append("WARNING: the password is sent without TLS")
     return "; ".join(parts)
+
+
+def _names(topics: list[str]) -> str:
+    return ", ".join(repr(t) for t in topics)

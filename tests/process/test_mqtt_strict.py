@@ -424,3 +424,23 @@ def test_nats_server_gets_everything_across_a_restart(prefix: str, qos: int) -> 
         received = asyncio.run(scenario(broker, subscriber))
     assert by_topic(received) == expected_messages(prefix, first + second)
     assert counters.get("written.mqtt") == 50
+
+
+def test_check_config_against_nats_server(prefix: str) -> None:
+    """QoS 1 probes come back; QoS 2 (unsupported by nats-server 2.9) is reported refused
+    instead of passing a CONNECT-only check and looping at run time."""
+    with NatsServer() as broker:
+        [(ok, detail)] = [
+            (ok, detail)
+            for name, ok, detail in check_destinations(mqtt_config(broker, prefix, 1), WAIT)
+            if name == "mqtt"
+        ]
+        assert ok and detail.endswith("probe read back on 5 topic(s)"), detail
+        [(ok, detail)] = [
+            (ok, detail)
+            for name, ok, detail in check_destinations(mqtt_config(broker, prefix, 2), 2.0)
+            if name == "mqtt"
+        ]
+        assert not ok
+        assert f"the broker REFUSED the probe published to '{prefix}/all', " in detail
+        assert "probe read back on 0 topic(s)" in detail
