@@ -253,7 +253,7 @@ class MqttSink:
         final = proto.PUBCOMP if self.qos == 2 else proto.PUBACK
         for kind, packet_id in packets:
             if kind == final:
-                if self.qos == 2 and packet_id in self.inflight.keys() - self.released:
+                if self.qos == 2 and packet_id not in self.released and packet_id in self.inflight:
                     raise proto.ProtocolError(f"PUBCOMP {packet_id} before its PUBREC")
                 self.released.discard(packet_id)
                 message = self.inflight.pop(packet_id, None)
