@@ -14,9 +14,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# influxd and mosquitto are real components of the tests and of `make run`.
+# influxd, mosquitto and nats-server are real components of the tests and of `make run`.
 system-deps:
-	@command -v influxd >/dev/null && command -v mosquitto >/dev/null || scripts/install-system-deps.sh
+	@command -v influxd >/dev/null && command -v mosquitto >/dev/null && command -v nats-server >/dev/null || scripts/install-system-deps.sh
 
 run: install system-deps
 	$(BIN)/python scripts/devrun.py

@@ -20,7 +20,9 @@ import yaml
 
 BUTLER_SECTION = "Butler-SOS"
 OWN_SECTION = "senseflow"
-SECRET_KEYS = frozenset({"password", "token", "insertApiKey", "clientCertPassphrase"})
+SECRET_KEYS = frozenset(
+    {"password", "token", "insertApiKey", "clientCertPassphrase", "keyPassword"}
+)
 """Keys whose values are secrets: a config error names their type, never their value."""
 
 
@@ -234,6 +236,8 @@ class MqttTls(Own, frozen=True):
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    key_password: str = ""
+    """Passphrase of an encrypted `keyFile`."""
     insecure: bool = False
 
 
@@ -432,6 +436,7 @@ def check_semantics(config: Config) -> list[str]:
     problems.extend(_check_new_relic_url(config))
     problems.extend(_check_metrics(pipe))
     problems.extend(_check_app_names(config.butler))
+    problems.extend(_check_mqtt(config))
     return problems
 
 
@@ -565,6 +570,43 @@ def _check_app_names(butler: ButlerSOS) -> list[str]:
                 "(appNames.enableAppNameExtract is true), found nothing"
             )
     return problems
+
+
+MQTT_TOPIC_MAX_BYTES = 0xFFFF
+
+
+def _check_mqtt(config: Config) -> list[str]:
+    """Windows of at least one message; topics a broker accepts for PUBLISH (MQTT 4.7)."""
+    mqtt = config.pipeline.mqtt
+    problems = [
+        f"{OWN_SECTION}.mqtt.{_camel(name)}: expected an integer >= 1, found {value}"
+        for name, value in (("max_inflight", mqtt.max_inflight), ("max_pending", mqtt.max_pending))
+        if value < 1
+    ]
+    butler = config.butler
+    if not (butler.mqtt_config.enable and butler.user_events.send_to_mqtt.enable):
+        return problems
+    post_to = butler.user_events.send_to_mqtt.post_to
+    for field in post_to.__struct_fields__:
+        topic: Topic = getattr(post_to, field)
+        problem = _topic_problem(topic.topic) if topic.enable else None
+        if problem:
+            path = f"{BUTLER_SECTION}.userEvents.sendToMQTT.postTo.{_camel(field)}.topic"
+            problems.append(f"{path}: expected {problem}, found {_short(topic.topic).strip()}")
+    return problems
+
+
+def _topic_problem(topic: str) -> str | None:
+    """What is wrong with an MQTT topic name to publish to, or None."""
+    if not topic:
+        return "a topic name (or enable: false)"
+    if "+" in topic or "#" in topic:
+        return "a topic name without the wildcards + and #"
+    if "\x00" in topic:
+        return "a topic name without the character U+0000"
+    if len(topic.encode("utf-8", "surrogatepass")) > MQTT_TOPIC_MAX_BYTES:
+        return f"a topic name of at most {MQTT_TOPIC_MAX_BYTES} bytes in UTF-8"
+    return None
 
 
 def _problems(value: Any, info: msgspec.inspect.Type, path: str) -> list[str]:
@@ -723,6 +765,7 @@ def secrets(config: Config) -> list[str]:
         config.pipeline.mqtt.password,
         config.pipeline.http.token,
         config.pipeline.http.password,
+        config.pipeline.mqtt.tls.key_password,
     ]
     found.extend(a.insert_api_key for a in b.third_party_tools_credentials.new_relic or [])
     found.extend(h.value for h in b.new_relic.event.header or [])  # may carry credentials

@@ -419,3 +419,44 @@ bind-address = {rpc}
   level = "warn"
   suppress-logo = true
 """
+
+
+class NatsServer(_ServerProcess):
+    """nats-server with JetStream on (its MQTT listener needs it) and an MQTT listener.
+
+    `port` is the MQTT port (what an MQTT client connects to), `nats_port` NATS's own.
+    JetStream keeps its store (MQTT sessions, QoS 1 messages) under the work directory.
+    """
+
+    name = "nats-server"
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str] | None = None,
+        *,
+        binary: str = "nats-server",
+        startup_timeout: float = 15.0,
+    ) -> None:
+        super().__init__(workdir, startup_timeout)
+        self.binary = binary
+        self.host = LOOPBACK
+        self.port, self.nats_port = free_ports(2)
+
+    def _command(self) -> list[str]:
+        return [self.binary, "-c", str(self.config_path)]
+
+    def _config_text(self) -> str:
+        store = json.dumps(str(self.workdir / "jetstream"))
+        return (
+            f"listen: {json.dumps(f'{LOOPBACK}:{self.nats_port}')}\n"
+            "server_name: senseflow_test\n"
+            f"jetstream {{ store_dir: {store} }}\n"
+            f"mqtt {{ listen: {json.dumps(f'{self.host}:{self.port}')} }}\n"
+        )
+
+    def _is_ready(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1.0):
+                return True
+        except OSError:
+            return False

@@ -168,6 +168,10 @@ def check_destinations(config: Config, timeout: float) -> list[tuple[str, bool, 
             results.append((name, True, "disabled"))
         elif name == "influxdb":
             results.append((name, *check_influxdb(config, timeout)))
+        elif name == "mqtt":
+            from senseflow.commands.mqttcheck import check_mqtt
+
+            results.append((name, *asyncio.run(check_mqtt(config, timeout))))
         else:
             results.append((name, *asyncio.run(check_sink(config, name, timeout))))
     return results

@@ -29,7 +29,7 @@ from shared.backoff import Backoff
 from shared.config import Config, config_from_document
 from shared.counters import Counters
 from shared.events import EncodedBatch
-from tests.localservers import LOOPBACK, MosquittoServer, free_ports
+from tests.localservers import LOOPBACK, MosquittoServer, NatsServer, free_ports
 from tests.process import tls
 from workers.writer.sinks.base import DestinationUnreachable
 from workers.writer.sinks.mqtt import MqttSink
@@ -88,7 +88,7 @@ def by_topic(messages: list[tuple[str, bytes]]) -> dict[str, list[bytes]]:
 
 
 def mqtt_config(
-    broker: MosquittoServer,
+    broker: MosquittoServer | NatsServer,
     prefix: str,
     qos: int = 1,
     *,
@@ -125,8 +125,11 @@ def fast_backoff(sink: MqttSink) -> MqttSink:
 class Subscriber:
     """aiomqtt on its own thread and loop; resubscribes after the broker comes back."""
 
-    def __init__(self, broker: MosquittoServer, topic_filter: str, **auth: str) -> None:
+    def __init__(
+        self, broker: MosquittoServer | NatsServer, topic_filter: str, qos: int = 2, **auth: str
+    ) -> None:
         self.broker, self.topic_filter, self.auth = broker, topic_filter, auth
+        self.qos = qos
         self.messages: list[tuple[str, bytes]] = []
         self.subscriptions = 0  # SUBACKs received so far, over all connections
         self.changed = threading.Condition()
@@ -185,7 +188,7 @@ class Subscriber:
             password=self.auth.get("password"),
         )
         async with client:
-            await client.subscribe(self.topic_filter, qos=2)
+            await client.subscribe(self.topic_filter, qos=self.qos)
             with self.changed:
                 self.subscriptions += 1
                 self.changed.notify_all()

@@ -237,7 +237,7 @@ def test_numbers_and_booleans_written_as_strings_are_accepted() -> None:
         pytest.param(
             {"senseflow": {"mqtt": {"tls": {"cafile": "x"}}}},
             "senseflow.mqtt.tls.cafile: unknown key "
-            "(expected one of caFile, certFile, enable, insecure, keyFile)",
+            "(expected one of caFile, certFile, enable, insecure, keyFile, keyPassword)",
             id="unknown key nested in our own section",
         ),
         pytest.param(

@@ -1,5 +1,6 @@
-"""workers/writer/sinks/mqtt_protocol.py: MQTT 3.1.1 packets byte for byte (OASIS MQTT 3.1.1,
-ch. 2-3).
+"""workers/writer/sinks/mqtt_protocol.py: MQTT 3.1.1 packets byte for byte.
+
+The standard is OASIS MQTT 3.1.1, chapters 2-3.
 
 Expected bytes are written out from the standard, not computed with the module's helpers.
 """
@@ -106,9 +107,33 @@ def test_utf8_field_refuses_more_than_65535_bytes() -> None:
         proto.utf8_field("x" * 0x10000)
 
 
+def test_connect_packet_without_clean_session_clears_the_flag() -> None:
+    body = VARIABLE_HEADER + b"\x00\x00\x1e" + b"\x00\x03cid"
+    assert proto.connect_packet("cid", 30, clean_session=False) == b"\x10\x0f" + body
+    body = VARIABLE_HEADER + b"\xc0\x00\x1e" + b"\x00\x03cid\x00\x01u\x00\x01p"
+    packet = proto.connect_packet("cid", 30, "u", "p", clean_session=False)
+    assert packet == b"\x10" + bytes((len(body),)) + body
+
+
 def test_check_connack_accepts_an_accepted_connection() -> None:
-    proto.check_connack(b"\x20\x02\x00\x00")
-    proto.check_connack(b"\x20\x02\x01\x00")  # session present
+    assert proto.check_connack(b"\x20\x02\x00\x00") is False
+    assert proto.check_connack(b"\x20\x02\x00\x00", clean_session=False) is False
+
+
+def test_check_connack_reads_the_session_present_flag() -> None:
+    assert proto.check_connack(b"\x20\x02\x01\x00", clean_session=False) is True
+
+
+def test_check_connack_rejects_a_session_after_a_clean_session_connect() -> None:
+    # 3.2.2.2: with CleanSession 1 the server must set session present to 0
+    with pytest.raises(proto.ProtocolError, match="session present after a clean-session"):
+        proto.check_connack(b"\x20\x02\x01\x00")
+
+
+@pytest.mark.parametrize("flags", [0x02, 0x80, 0xFF])
+def test_check_connack_rejects_reserved_flag_bits(flags: int) -> None:
+    with pytest.raises(proto.ProtocolError, match="reserved flag bits"):
+        proto.check_connack(bytes((0x20, 2, flags, 0)), clean_session=False)
 
 
 @pytest.mark.parametrize(
@@ -191,15 +216,46 @@ def test_scan_packets_keeps_a_partial_packet_for_the_next_read(cut: int) -> None
     assert buffer == b""
 
 
-def test_scan_packets_skips_a_packet_with_a_multi_byte_length_whole() -> None:
-    topic = b"\x00\x03a/b"
-    payload = b"p" * 300
-    publish = b"\x30" + b"\xb1\x02" + topic + payload  # 305 = 0xb1 0x02
-    data = publish + b"\x40\x02\x00\x09"
-    assert proto.scan_packets(bytearray(data)) == ([(0x30, 3), (0x40, 9)], len(data))
-    for cut in (1, 2, 3, 100, len(publish) - 1):
-        assert proto.scan_packets(bytearray(data[:cut])) == ([], 0)
-    assert proto.scan_packets(bytearray(data[: len(publish)])) == ([(0x30, 3)], len(publish))
+@pytest.mark.parametrize(
+    "packet",
+    [
+        b"\x30\xb1\x02\x00\x03a/b",  # PUBLISH (we subscribe to nothing), 305 bytes announced
+        b"\x20\x02\x00\x00",  # a second CONNACK
+        b"\x90\x03\x00\x01\x00",  # SUBACK
+        b"\x62\x02\x00\x01",  # PUBREL: we never receive QoS 2 messages
+        b"\x42\x02\x00\x01",  # PUBACK with reserved flag bits set
+        b"\x00\x00",  # reserved packet type 0
+        b"\xf0\x00",  # reserved packet type 15
+    ],
+)
+def test_scan_packets_rejects_anything_a_publisher_never_receives(packet: bytes) -> None:
+    for data in (packet, b"\x40\x02\x00\x09" + packet):
+        with pytest.raises(proto.ProtocolError, match="unexpected packet"):
+            proto.scan_packets(bytearray(data))
+
+
+@pytest.mark.parametrize(
+    "packet",
+    [
+        b"\x40\x03\x00\x01\x00",  # PUBACK one byte too long (an MQTT 5 reason code)
+        b"\x50\x01\x00",  # PUBREC one byte short
+        b"\x70\x00",  # PUBCOMP without a packet id
+        b"\xd0\x02\x00\x00",  # PINGRESP with a body
+        b"\x40\x82\x00\x00\x01",  # PUBACK with a two-byte remaining length
+    ],
+)
+def test_scan_packets_rejects_acknowledgements_of_the_wrong_length(packet: bytes) -> None:
+    with pytest.raises(proto.ProtocolError, match="malformed packet"):
+        proto.scan_packets(bytearray(packet))
+
+
+def test_scan_packets_rejects_a_huge_packet_from_its_header_alone() -> None:
+    """A broker announcing 256 MB is refused at once, not buffered until it arrives."""
+    header = b"\x40" + proto.remaining_length(268_435_455)
+    with pytest.raises(proto.ProtocolError, match="malformed packet"):
+        proto.scan_packets(bytearray(header))
+    with pytest.raises(proto.ProtocolError):
+        proto.scan_packets(bytearray(b"\x30\xff"))  # after two bytes, whatever follows
 
 
 def test_scan_packets_on_an_empty_or_one_byte_buffer() -> None:
@@ -208,8 +264,8 @@ def test_scan_packets_on_an_empty_or_one_byte_buffer() -> None:
 
 
 def test_scan_packets_rejects_a_remaining_length_of_more_than_four_bytes() -> None:
-    with pytest.raises(proto.ProtocolError, match="malformed remaining length"):
-        proto.scan_packets(bytearray(b"\x30\xff\xff\xff\xff\x01"))
+    with pytest.raises(proto.ProtocolError, match="malformed packet"):
+        proto.scan_packets(bytearray(b"\x40\xff\xff\xff\xff\x01"))
 
 
 @given(

@@ -10,6 +10,13 @@ reads (see mqtt_protocol for why this does not go through paho).
   was in flight is published again first, in order, with the DUP flag (QoS 1 is
   at-least-once; such duplicates are counted as `mqtt.republished`).
 - An event counts as written once every message of its batch is acknowledged.
+- QoS 2 is exactly-once while the broker keeps our session: each sink starts with a clean
+  session, then keeps one (clean session 0); after a reconnect that finds the session, a
+  message that got PUBREC gets only its PUBREL again and the others are resent with their
+  own packet ids, which the broker recognises. When the session is gone (the broker
+  restarted without persistence) everything unfinished is published again: at-least-once.
+- Nothing from the broker is trusted: anything but a well-formed acknowledgement of the
+  kind our QoS expects is a protocol error, logged, and the connection is made afresh.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
+import secrets
+import socket
 import ssl
 import time
 from collections import deque
@@ -39,6 +47,8 @@ CONNECT_TIMEOUT = 10.0
 KEEPALIVE = 30
 STABLE_CONNECTION = 10.0
 """Seconds a connection must last before a drop starts the reconnect backoff afresh."""
+DISCARD_TIMEOUT = 2.0
+"""Seconds shutdown gives the connection that discards our QoS 2 session on the broker."""
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 MAX_PACKET_ID = 0xFFFF
 QOS2_WINDOW = 20
@@ -104,7 +114,10 @@ class MqttSink:
         if self.qos == 2:
             self.window = min(self.window, QOS2_WINDOW)
         self.max_pending = max(self.options.max_pending, self.window)
-        self.client_id = self.options.client_id or f"senseflow-{os.getpid()}"
+        self.client_id = self.options.client_id or default_client_id()
+        self.keeps_session = self.qos == 2
+        self.released: set[int] = set()
+        """QoS 2 packet ids that got PUBREC: they await PUBCOMP, never a new PUBLISH."""
         self.backlog: deque[Message] = deque()
         self.inflight: dict[int, Message] = {}
         self.batches: dict[int, BatchState] = {}
@@ -134,23 +147,29 @@ class MqttSink:
             return None
         context = ssl.create_default_context(cafile=tls.ca_file or None)
         if tls.cert_file:
-            context.load_cert_chain(tls.cert_file, tls.key_file or None)
+            # Always a password callback: without one OpenSSL would prompt on the terminal.
+            password = tls.key_password.encode("utf-8")
+            context.load_cert_chain(tls.cert_file, tls.key_file or None, lambda: password)
         if tls.insecure:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         return context
 
-    async def connect(self) -> None:
+    async def connect(self, clean_session: bool = True) -> bool:
+        """Connect and handshake; return whether the broker kept our session."""
         try:
-            await asyncio.wait_for(self._handshake(), CONNECT_TIMEOUT)
+            session = await asyncio.wait_for(self._handshake(clean_session), CONNECT_TIMEOUT)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, proto.ProtocolError) as exc:
             await self._close_stream()
             reason = str(exc) or type(exc).__name__
             raise DestinationUnreachable(f"MQTT broker {self.address}: {reason}") from exc
-        self.connected = True
+        except BaseException:  # cancelled (a start-up timeout): leave no socket open
+            self._abort_stream()
+            raise
         self.last_heard = self.connected_at = time.monotonic()
+        return session
 
-    async def _handshake(self) -> None:
+    async def _handshake(self, clean_session: bool) -> bool:
         self.reader, self.writer = await asyncio.open_connection(
             self.broker.broker_host, self.broker.broker_port, ssl=self.tls_context()
         )
@@ -160,9 +179,18 @@ class MqttSink:
                 KEEPALIVE,
                 self.options.username or None,
                 self.options.password or None,
+                clean_session=clean_session,
             )
         )
-        proto.check_connack(await self.reader.readexactly(4))
+        present = proto.check_connack(await self.reader.readexactly(4), clean_session)
+        self.connected = True
+        return present
+
+    def _abort_stream(self) -> None:
+        writer, self.writer, self.reader = self.writer, None, None
+        self.connected = False
+        if writer is not None:
+            writer.transport.abort()
 
     async def _close_stream(self) -> None:
         writer, self.writer, self.reader = self.writer, None, None
@@ -174,11 +202,24 @@ class MqttSink:
             await asyncio.wait_for(writer.wait_closed(), 2.0)
 
     async def start(self) -> None:
+        if self.options.password and not self.options.tls.enable:
+            log.warning(
+                "MQTT password for %s is sent without TLS (senseflow.mqtt.tls.enable is false)",
+                self.address,
+            )
         await self.connect()
+        if self.keeps_session:  # the clean connect discarded any stale session: now keep one
+            await self._disconnect()
+            await self.connect(clean_session=False)
         self.tasks = [
             spawn(self._connection_loop(), name="writer.mqtt.connection"),
             spawn(self._keepalive_loop(), name="writer.mqtt.keepalive"),
         ]
+
+    async def _disconnect(self) -> None:
+        if self.writer is not None and self.connected:
+            self.writer.write(proto.DISCONNECT_PACKET)
+        await self._close_stream()
 
     async def _connection_loop(self) -> None:
         """Read acknowledgements until the connection drops; then reconnect and resend."""
@@ -209,13 +250,21 @@ class MqttSink:
 
     def _handle(self, packets: list[tuple[int, int]]) -> None:
         releases = []
+        final = proto.PUBCOMP if self.qos == 2 else proto.PUBACK
         for kind, packet_id in packets:
-            if kind == proto.PUBACK or kind == proto.PUBCOMP:
+            if kind == final:
+                if self.qos == 2 and packet_id not in self.released and packet_id in self.inflight:
+                    raise proto.ProtocolError(f"PUBCOMP {packet_id} before its PUBREC")
+                self.released.discard(packet_id)
                 message = self.inflight.pop(packet_id, None)
                 if message is not None:
                     self._acknowledged(message)
-            elif kind == proto.PUBREC:
+            elif kind == proto.PUBREC and self.qos == 2:
+                if packet_id in self.inflight:
+                    self.released.add(packet_id)
                 releases.append(proto.pubrel_packet(packet_id))
+            elif kind != proto.PINGRESP:
+                raise proto.ProtocolError(f"packet type 0x{kind:02x} at QoS {self.qos}")
         if releases and self.writer is not None:
             self.writer.write(b"".join(releases))
         self._refill()
@@ -235,22 +284,55 @@ class MqttSink:
         while True:
             await asyncio.sleep(self.backoff.next_delay())
             try:
-                await self.connect()
+                session = await self.connect(clean_session=not self.keeps_session)
             except DestinationUnreachable as exc:
                 self.counters.add("retries.mqtt")
                 log.warning("MQTT reconnect failed (%s); retrying", exc)
                 continue
-            resend = list(self.inflight.values())
-            self.inflight.clear()
-            self.backlog.extendleft(reversed(resend))
-            self.counters.add("mqtt.republished", len(resend))
-            log.info(
-                "MQTT reconnected to %s; resending %d unacknowledged message(s)",
-                self.address,
-                len(resend),
-            )
-            self._refill(dup=len(resend))
+            if session:
+                self._resume_session()
+            else:
+                self._resend_all()
             return
+
+    def _resume_session(self) -> None:
+        """The broker kept our session: finish every exchange with its own packet id."""
+        assert self.writer is not None
+        packets = [
+            proto.pubrel_packet(packet_id)
+            if packet_id in self.released
+            else message.header.packet(packet_id, message.payload, dup=True)
+            for packet_id, message in self.inflight.items()
+        ]
+        self.writer.write(b"".join(packets))
+        log.info(
+            "MQTT reconnected to %s, session kept; %d release(s) and %d message(s) resent",
+            self.address,
+            len(self.released),
+            len(self.inflight) - len(self.released),
+        )
+        self._refill()
+
+    def _resend_all(self) -> None:
+        """A new session: publish again whatever was not acknowledged, first, in order."""
+        if self.released:
+            log.warning(
+                "MQTT broker %s lost our session: %d QoS 2 message(s) already received "
+                "(PUBREC) are published again and may reach subscribers twice",
+                self.address,
+                len(self.released),
+            )
+            self.released.clear()
+        resend = list(self.inflight.values())
+        self.inflight.clear()
+        self.backlog.extendleft(reversed(resend))
+        self.counters.add("mqtt.republished", len(resend))
+        log.info(
+            "MQTT reconnected to %s; resending %d unacknowledged message(s)",
+            self.address,
+            len(resend),
+        )
+        self._refill(dup=len(resend))
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -341,6 +423,17 @@ class MqttSink:
     async def close(self) -> None:
         await self.flush()
         await cancel_all(self.tasks)
-        if self.writer is not None and self.connected:
-            self.writer.write(proto.DISCONNECT_PACKET)
-        await self._close_stream()
+        await self._disconnect()
+        if self.keeps_session and self.tasks:
+            await self._discard_session()
+
+    async def _discard_session(self) -> None:
+        """Everything is acknowledged: leave no session of ours behind in the broker."""
+        with contextlib.suppress(DestinationUnreachable, TimeoutError):
+            await asyncio.wait_for(self.connect(), DISCARD_TIMEOUT)
+            await self._disconnect()
+
+
+def default_client_id() -> str:
+    """Unique per sink: replicas of one container image share pid and often host name."""
+    return f"senseflow-{socket.gethostname()}-{secrets.token_hex(4)}"

@@ -61,9 +61,14 @@ def utf8_field(text: str | bytes) -> bytes:
 
 
 def connect_packet(
-    client_id: str, keepalive: int, username: str | None = None, password: str | None = None
+    client_id: str,
+    keepalive: int,
+    username: str | None = None,
+    password: str | None = None,
+    *,
+    clean_session: bool = True,
 ) -> bytes:
-    flags = 0x02  # clean session: we keep and resend what is unacknowledged ourselves
+    flags = 0x02 if clean_session else 0x00
     payload = utf8_field(client_id)
     if username:
         flags |= 0x80
@@ -78,12 +83,19 @@ def connect_packet(
     return bytes((CONNECT,)) + remaining_length(len(body)) + body
 
 
-def check_connack(packet: bytes) -> None:
+def check_connack(packet: bytes, clean_session: bool = True) -> bool:
+    """Raise unless `packet` is a CONNACK accepting the connection; return session-present."""
     if len(packet) != 4 or packet[0] != CONNACK or packet[1] != 2:
         raise ProtocolError(f"expected CONNACK, got {packet[:8]!r}")
-    code = packet[3]
+    flags, code = packet[2], packet[3]
     if code:
         raise ProtocolError(f"broker refused the connection: {CONNACK_REASONS.get(code, code)}")
+    if flags & 0xFE:
+        raise ProtocolError(f"CONNACK with reserved flag bits set: 0x{flags:02x}")
+    session_present = bool(flags)
+    if session_present and clean_session:  # 3.2.2.2: must be 0 after a clean-session CONNECT
+        raise ProtocolError("CONNACK claims a session present after a clean-session CONNECT")
+    return session_present
 
 
 class TopicHeader:
@@ -116,31 +128,40 @@ def pubrel_packet(packet_id: int) -> bytes:
     return bytes((PUBREL, 2)) + packet_id.to_bytes(2, "big")
 
 
+ACK_LENGTHS = {PUBACK: 2, PUBREC: 2, PUBCOMP: 2, PINGRESP: 0}
+"""Every packet a publisher may receive after CONNACK (first byte, flags included) and its
+remaining length. A broker sends a publisher nothing else: no subscription, no PUBLISH."""
+
+
 def scan_packets(buffer: bytearray) -> tuple[list[tuple[int, int]], int]:
     """Split complete packets off the front of `buffer`.
 
-    Returns ([(packet type byte, packet id or 0)], bytes consumed). A publisher receives
-    only short packets (acknowledgements, PINGRESP); anything else is skipped whole.
+    Returns ([(packet type byte, packet id or 0)], bytes consumed). Anything but an
+    acknowledgement or PINGRESP of exactly its length raises ProtocolError as soon as its
+    fixed header is read, so an unfinished packet never holds more than a few bytes.
     """
     found: list[tuple[int, int]] = []
     position, end = 0, len(buffer)
     while position + 2 <= end:
         kind = buffer[position]
-        length, shift, index = 0, 0, position + 1
-        while True:
-            if index >= end:
-                return found, position
-            byte = buffer[index]
-            length |= (byte & 0x7F) << shift
-            index += 1
-            if not byte & 0x80:
-                break
-            shift += 7
-            if shift > 21:
-                raise ProtocolError("malformed remaining length")
+        length = buffer[position + 1]
+        expected = ACK_LENGTHS.get(kind)
+        if expected is None or length != expected:
+            raise ProtocolError(_unexpected(kind, buffer[position + 1 : position + 5]))
+        index = position + 2
         if index + length > end:
             break
-        packet_id = (buffer[index] << 8 | buffer[index + 1]) if length >= 2 else 0
-        found.append((kind & 0xF0, packet_id))
+        packet_id = (buffer[index] << 8 | buffer[index + 1]) if length else 0
+        found.append((kind, packet_id))
         position = index + length
     return found, position
+
+
+def _unexpected(kind: int, length_bytes: bytes | bytearray) -> str:
+    expected = ACK_LENGTHS.get(kind)
+    if expected is None:
+        return f"unexpected packet from the broker: type byte 0x{kind:02x}"
+    return (
+        f"malformed packet from the broker: type byte 0x{kind:02x} with remaining length "
+        f"byte(s) {bytes(length_bytes[:4]).hex()} (expected {expected})"
+    )
