@@ -286,6 +286,9 @@ class Pipeline(Own, frozen=True):
     """/healthz: seconds a destination may acknowledge nothing while events wait for it."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    heartbeat_timeout: float = 30.0
+    """Seconds a child may go without a heartbeat before the supervisor kills and restarts
+    it (a wedged process: alive, not working); 0 turns the check off."""
     mqtt: MqttOptions = MqttOptions()
     spool: SpoolOptions = SpoolOptions()
 

@@ -15,9 +15,10 @@ import pytest
 
 from shared.config import Config, config_from_document
 from shared.counters import SharedCounters, new_block, sum_counters
-from shared.events import RAW_ENCODER, EncodedBatch
+from shared.counternames import SPOOLED
+from shared.events import RAW_ENCODER, EncodedBatch, Fence
 from shared.ipc import Channels, Flag, MessageChannel
-from workers.writer.process import SPOOLED, Writer
+from workers.writer.process import Writer
 from workers.writer.spool import Spool
 
 CONTEXT = multiprocessing.get_context("spawn")
@@ -141,9 +142,7 @@ def batch(worker: int, number: int, events: int, invalid: int = 0) -> bytes:
 
 
 def fence(worker: int, number: int, datagrams: int) -> bytes:
-    return RAW_ENCODER.encode(
-        EncodedBatch(b"", [], b"", [], [], {}, worker, number, datagrams, fence=True)
-    )
+    return RAW_ENCODER.encode(Fence(worker, number, datagrams))
 
 
 @pytest.fixture

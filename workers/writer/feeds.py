@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 
+from shared import counternames as names
+from shared.config import Config
 from shared.counters import SharedCounters
-from shared.events import ENCODED_DECODER, EncodedBatch
-from workers.writer.sinks.base import Ack, Sink
+from shared.events import EncodedBatch, decode_spooled
+from workers.writer.destinations import Destination, make_sink
+from workers.writer.sinks.base import Ack
 from workers.writer.spool import Dropped, Spool
 
 log = logging.getLogger("senseflow.writer")
@@ -44,12 +48,25 @@ class BatchCache:
             del self.batches[old]
 
 
+Delivered = Callable[[str, Sequence[int]], None]
+"""Told the receive times of the events a destination delivered (the latency histogram)."""
+
+
 class Feed:
+    """One destination's sink, fed from the spool; the sink acknowledges to `acknowledged`."""
+
     def __init__(
-        self, sink: Sink, spool: Spool, cache: BatchCache, counters: SharedCounters
+        self,
+        destination: Destination,
+        config: Config,
+        spool: Spool,
+        cache: BatchCache,
+        counters: SharedCounters,
+        delivered: Delivered,
     ) -> None:
-        self.sink = sink
-        self.name = sink.name
+        self.name = destination.name
+        self.sink = make_sink(destination, config, counters, self.acknowledged)
+        self.delivered = delivered
         self.spool = spool
         self.cache = cache
         self.counters = counters
@@ -59,17 +76,20 @@ class Feed:
         # Records given up while the sink had them: {seq: events}, counted at their ack;
         # their events are in the block's `_limbo.<destination>` until then.
         self.handed_then_dropped: dict[int, int] = {}
-        self.written_key = f"written.{self.name}"
-        self.failed_key = f"failed.{self.name}"
-        self.dropped_key = f"dropped.destination_full.{self.name}"
-        self.cursor_key = cursor_key(self.name)
-        self.limbo_key = limbo_key(self.name)
-        sink.on_ack = self.acknowledged
+        self.written_key = names.written(self.name)
+        self.failed_key = names.failed(self.name)
+        self.dropped_key = names.destination_full(self.name)
+        self.cursor_key = names.cursor(self.name)
+        self.limbo_key = names.limbo(self.name)
 
     def acknowledged(self, acks: list[Ack]) -> None:
+        """The sink's one acknowledgement callback: count, move the cursor, and measure
+        the delivery latency of what it delivered."""
         written = failed = limbo = 0
         cursor = None
-        for seq, done, rejected in acks:
+        for seq, done, rejected, received_ns in acks:
+            if received_ns:
+                self.delivered(self.name, received_ns)
             passed = self.spool.ack(self.name, seq, done, rejected)
             if passed is not None:
                 written, failed = written + passed.written, failed + passed.failed
@@ -104,7 +124,7 @@ class Feed:
             self.idle.clear()
             batch = self.cache.batches.get(seq)
             if batch is None:
-                batch = ENCODED_DECODER.decode(self.spool.read(seq))
+                batch = decode_spooled(self.spool.read(seq))
             self.next = seq + 1
             await self.sink.write_batch(batch, seq)
 
@@ -140,13 +160,3 @@ class Feed:
             self.handed_then_dropped.clear()
             self.counters.commit({self.dropped_key: lost, self.limbo_key: -lost})
         return lost
-
-
-def cursor_key(destination: str) -> str:
-    """Where the writer's counter block keeps a destination's spool cursor."""
-    return f"_cursor.{destination}"
-
-
-def limbo_key(destination: str) -> str:
-    """Events given up by the spool while the sink held them, not yet acknowledged."""
-    return f"_limbo.{destination}"
