@@ -1,4 +1,5 @@
-"""workers/writer/sinks/influx.py against a real InfluxDB 1.x and, for 2.x/3.x, a recording stand-in.
+"""workers/writer/sinks/influx.py against a real InfluxDB 1.x and, for 2.x/3.x, a
+recording stand-in.
 
 The stand-in is a plain `http.server` on loopback that records every request and answers
 /write and /api/v2/write from a script; it is used only where the test influxd cannot

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from shared.config import Config, config_from_document
-from shared.counters import SharedCounters, new_block, sum_counters
 from shared.counternames import SPOOLED
+from shared.counters import SharedCounters, new_block, sum_counters
 from shared.events import RAW_ENCODER, EncodedBatch, Fence
 from shared.ipc import Channels, Flag, MessageChannel
 from workers.writer.process import Writer
