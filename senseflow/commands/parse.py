@@ -9,8 +9,8 @@ from typing import BinaryIO
 import msgspec
 
 from shared import exitcodes
-from shared.counternames import EXCLUDED
 from shared.config import Config
+from shared.counternames import EXCLUDED
 from workers.pipeline import EventPipeline
 
 

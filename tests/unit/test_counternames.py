@@ -24,8 +24,8 @@ COUNTER_PREFIXES = (
     names.SPOOLED,
     names.cursor(""),
     names.limbo(""),
-    names.seen(""),
-    names.seen_datagrams(""),
+    "_seen.",
+    "_seen_datagrams.",
 )
 
 
