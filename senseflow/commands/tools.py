@@ -226,4 +226,5 @@ async def check_sink(config: Config, destination: Destination, timeout: float) -
     except (DestinationUnreachable, TimeoutError) as exc:
         return False, redact(str(exc) or f"no answer within {timeout:g} s", config)
     await sink.close()
-    return True, destination.describe(config)
+    describe = destination.describe
+    return True, describe(config) if describe is not None else "reachable"

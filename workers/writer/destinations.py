@@ -11,8 +11,9 @@ A record says what the rest of the code needs to know about a destination:
 - `sink()`: its sink class (imported only when called: only the writer and `check-config`
   load sink code), built as `sink(config, counters, on_ack)`;
 - `probe` and `describe(config)`: how `check-config` tries it. "sink" starts its sink and
-  closes it again; "influx-write" pings and writes an empty body (never creating the
-  database, which the sink's start would). `describe` is the line printed when it works.
+  closes it again, then prints `describe(config)`; "influx-write" pings and writes an
+  empty body with the control plane's InfluxDB client (never creating the database, which
+  the sink's start would), and says itself what it found.
 
 Adding a destination: its encoder method, its sink module, its record here, and its
 `EncodedBatch` field (see docs/ARCHITECTURE.md).
@@ -44,8 +45,8 @@ class Destination:
     enabled: Callable[[Config], bool]
     encoder: Literal["line", "mqtt", "newrelic"]
     sink: Callable[[], SinkFactory]
-    describe: Callable[[Config], str]
     probe: Literal["sink", "influx-write"] = "sink"
+    describe: Callable[[Config], str] | None = None
 
 
 def _influx_sink() -> SinkFactory:
@@ -64,11 +65,6 @@ def _newrelic_sink() -> SinkFactory:
     from workers.writer.sinks.newrelic import NewRelicSink
 
     return NewRelicSink
-
-
-def _describe_influx(config: Config) -> str:
-    cfg = config.butler.influxdb_config
-    return f"InfluxDB {cfg.version}.x at {cfg.host}:{cfg.port}"
 
 
 def _describe_mqtt(config: Config) -> str:
@@ -92,7 +88,6 @@ INFLUXDB = Destination(
     ),
     encoder="line",
     sink=_influx_sink,
-    describe=_describe_influx,
     probe="influx-write",
 )
 MQTT = Destination(
