@@ -19,6 +19,7 @@ from shared.counters import SharedCounters, new_block, sum_counters
 from shared.events import RAW_ENCODER, EncodedBatch, Fence
 from shared.ipc import Channels, Flag, MessageChannel
 from workers.writer.process import Writer
+from workers.writer.sinks.base import Ack
 from workers.writer.spool import Spool
 
 CONTEXT = multiprocessing.get_context("spawn")
@@ -226,3 +227,23 @@ def test_a_batch_spooled_before_batches_were_tagged_is_still_counted(
     successor = make_writer(config, block)
     assert successor.counters.get("events") == 3
     assert successor.counters.get(SPOOLED) == 1
+
+
+def test_one_ack_call_counts_moves_the_cursor_and_measures_one_delivery(
+    tmp_path: Path, block: Any
+) -> None:
+    """The sink's one callback: the feed counts the batches written, moves the cursor and
+    records one delivery (the InfluxDB write that carried both) with every receive time."""
+    writer = make_writer(writer_config(tmp_path, influx=True), block)
+    writer.take(batch(0, 0, 2))
+    writer.take(batch(0, 1, 3))
+    writer.make_feeds()
+    (feed,) = writer.feeds
+    writer.delivery.take_report()
+    feed.acknowledged([Ack(0, 2, 0, [1, 2]), Ack(1, 3, 0, [1, 2, 3])])
+    assert writer.counters.get("written.influxdb") == 5
+    assert writer.counters.get("_cursor.influxdb") == 2
+    report = writer.delivery.take_report()["destinations"]["influxdb"]
+    assert report["batches"]["count"] == 1 and report["batches"]["sum"] == 5
+    assert report["latency"]["count"] == 5
+    assert report["pending"] == 0
