@@ -391,8 +391,23 @@ def check_semantics(config: Config) -> list[str]:
         )
     problems.extend(_check_new_relic_accounts(config.butler))
     problems.extend(_check_metrics(pipe))
+    problems.extend(_check_heartbeat(pipe))
     problems.extend(_check_app_names(config.butler))
     return problems
+
+
+MIN_HEARTBEAT_TIMEOUT = 2.0
+"""Four heartbeats (one per 0.5 s report interval): less would kill healthy children."""
+
+
+def _check_heartbeat(pipe: Pipeline) -> list[str]:
+    timeout = pipe.heartbeat_timeout
+    if timeout == 0 or timeout >= MIN_HEARTBEAT_TIMEOUT:
+        return []
+    return [
+        f"{OWN_SECTION}.heartbeatTimeout: expected 0 (off) or at least "
+        f"{MIN_HEARTBEAT_TIMEOUT:g} seconds, found {timeout:g}"
+    ]
 
 
 def _check_metrics(pipe: Pipeline) -> list[str]:
