@@ -10,7 +10,7 @@ Counting is exact across a SIGKILL of the writer or of a worker. The writer peek
 batch, spools it, counts its events / invalid / excluded and records the worker's send
 number in one commit of its shared counter block, and only then takes the batch off the
 channel: a successor peeks the same batch again and knows from the send numbers whether
-it was spooled and counted. A fence batch from the supervisor says what a dead worker
+it was spooled and counted. A `Fence` from the supervisor says what a dead worker
 held; what never arrived is counted `dropped.worker_crash`.
 """
 
