@@ -8,7 +8,7 @@ engine of `senseflow send` (`senseflow.commands.send.send`) from one corpus buil
 Modes (what the service writes to):
 - `influx`: InfluxDB 1.x only;
 - `influx+mqtt`: InfluxDB and MQTT QoS 1, the everything topic only (the issue's target);
-- `discard`: no destination, workers started with SENSEFLOW_BENCH_DISCARD=1 (receiver alone).
+- `discard`: no destination, workers that discard (benchmarks/discard.py: receiver alone).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -172,6 +173,7 @@ class RunningService:
             str(workers),
             cwd=tree or REPO,
             env=environment,
+            cli=[sys.executable, "-m", "benchmarks.discard"] if mode == "discard" else None,
         )
         self.processes = ServiceProcesses(self.service)
         self.closed = False

@@ -6,7 +6,7 @@ Starts its own influxd and mosquitto (tests/localservers.py) and measures, in or
    sink (InfluxDB taking pre-encoded line protocol in batches of 5,000) and broker (the
    same MQTT payloads at QoS 1 by our MqttSink; aiomqtt and paho-mqtt for comparison);
 2. receiver alone: the same flood into `senseflow run` whose workers discard
-   (SENSEFLOW_BENCH_DISCARD=1), alternating with the socket ceiling, repeat by repeat;
+   (benchmarks/discard.py), alternating with the socket ceiling, repeat by repeat;
 3. end to end, for each --workers: the highest steady zero-loss rate (bounded search;
    InfluxDB only, then InfluxDB + MQTT QoS 1 on the everything topic), a trial at
    10,000/s for CPU per event, then latency steps at 1k, 10k and 50 % of the max
@@ -228,7 +228,6 @@ def measure_receiver(bench: Bench, scale: Scale) -> dict[str, Any]:
             bench,
             "discard",
             1,
-            env={"SENSEFLOW_BENCH_DISCARD": "1"},
             pipeline={"receiveBuffer": RECEIVE_BUFFER},
         ) as service:
             reader = service.processes.pids()["reader-0"]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from receiver.guards import RateLimiter
+from shared import counternames as names
 from shared.counters import Counters
 from shared.events import RAW_ENCODER, RawBatch
 from shared.ipc import MessageChannel
@@ -80,13 +81,13 @@ class BatchingEndpoint(asyncio.DatagramProtocol):
         # `received` is counted with the outcome: at a guard's drop, or when the batch is
         # handed over, so that a reader killed with a partial batch leaves no count behind.
         if len(data) > self._max_size:
-            self._drop("dropped.too_large")
+            self._drop(names.DROPPED_TOO_LARGE)
             return
         if self._allowed is not None and addr[0] not in self._allowed:
-            self._drop("dropped.source_not_allowed")
+            self._drop(names.DROPPED_SOURCE_NOT_ALLOWED)
             return
         if self._limiter is not None and not self._limiter.allow(addr[0]):
-            self._drop("dropped.rate_limited")
+            self._drop(names.DROPPED_RATE_LIMITED)
             return
         if self._bytes + len(data) > self._max_bytes:
             self.flush()
@@ -99,11 +100,11 @@ class BatchingEndpoint(asyncio.DatagramProtocol):
             self._timer = self._loop.call_later(self._flush_s, self.flush)
 
     def _drop(self, reason: str) -> None:
-        self._counters.add("received")
+        self._counters.add(names.RECEIVED)
         self._counters.add(reason)
 
     def error_received(self, exc: Exception) -> None:
-        self._counters.add("errors.socket")
+        self._counters.add(names.SOCKET_ERRORS)
 
     def take_pending(self) -> tuple[list[bytes], list[int]]:
         if self._timer is not None:
@@ -117,10 +118,10 @@ class BatchingEndpoint(asyncio.DatagramProtocol):
         datagrams, times = self.take_pending()
         if not datagrams:
             return
-        self._counters.add("received", len(datagrams))
+        self._counters.add(names.RECEIVED, len(datagrams))
         if self._out.send_nowait(RAW_ENCODER.encode(RawBatch(datagrams, times))):
-            self._counters.add("queued", len(datagrams))
+            self._counters.add(names.QUEUED, len(datagrams))
         else:
-            self._counters.add("dropped.queue_full", len(datagrams))
+            self._counters.add(names.DROPPED_QUEUE_FULL, len(datagrams))
         if self._on_flush is not None:
             self._on_flush()

@@ -12,9 +12,10 @@ import uvloop
 
 from receiver.endpoint import BatchingEndpoint, ReceiveClock
 from receiver.guards import RateLimiter, resolve_sources
+from shared import counternames as names
 from shared import exitcodes
 from shared.config import Config
-from shared.counters import Counters, SharedCounters
+from shared.counters import Counters, SharedCounters, beat
 from shared.events import RAW_ENCODER, RawBatch
 from shared.ipc import REPORT_INTERVAL, Channels, report, start_parent_watch
 from shared.logs import setup_logging
@@ -140,8 +141,10 @@ class Reader:
         address = self.sock.getsockname()
         log.info("listening on UDP %s:%d", address[0], address[1])
         report(self.channels, self.name, "ready", address[1])
+        beat(self.shared)
         while not self.channels.stop.is_set():
             await asyncio.sleep(REPORT_INTERVAL)
+            beat(self.shared)
             self.count_kernel_drops()
             if self.limiter is not None:
                 self.limiter.refresh()
@@ -155,18 +158,18 @@ class Reader:
         """Hand over the last partial batch, waiting for room rather than dropping it."""
         datagrams, times = endpoint.take_pending()
         if datagrams:
-            self.counters.add("received", len(datagrams))
+            self.counters.add(names.RECEIVED, len(datagrams))
             message = RAW_ENCODER.encode(RawBatch(datagrams, times))
             if self.channels.raw.send(message, timeout=DRAIN_PUT_TIMEOUT):
-                self.counters.add("queued", len(datagrams))
+                self.counters.add(names.QUEUED, len(datagrams))
             else:
-                self.counters.add("dropped.queue_full", len(datagrams))
+                self.counters.add(names.DROPPED_QUEUE_FULL, len(datagrams))
         self.publish_counters()
 
     def count_kernel_drops(self) -> None:
         drops = self.kernel_drops.take_new()
         if drops:
-            self.counters.add("dropped.kernel", drops)
+            self.counters.add(names.DROPPED_KERNEL, drops)
         self.publish_counters()
 
     def publish_counters(self) -> None:

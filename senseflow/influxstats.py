@@ -38,7 +38,9 @@ What Butler SOS writes, and where we read it (github.com/ptarmiganlabs/butler-so
       rate_limit_current           datagrams per minute over the interval (0 unless the
                                    rate limit is enabled, as in Butler SOS)
       backpressure_active          1 from messageQueue.backpressureThreshold % fill (or any
-                                   queue-full drop) until the fill is below 80 % of it
+                                   queue-full drop) until the fill is below 80 % of it, at
+                                   any time in the interval (the supervisor's one tracker,
+                                   senseflow/backpressure.py)
 
 - Event counts (`src/lib/influxdb/v1/event-counts.js`, `src/lib/udp-event.js`): measurement
   `qlikSenseEvents.eventCount.influxdb.measurementName` (default `event_count`), one point
@@ -64,17 +66,22 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from senseflow.telemetry import Histogram
+from shared import counternames as names
 from shared import influxql
 from shared.config import Config, NameValue, redact
 from shared.counters import total
 from shared.delivery import LATENCY_BUCKETS
+from shared.ipc import RAW_BYTES_PER_DATAGRAM
 from shared.logs import RateLimitedLog
 from shared.tls import client_context, scheme
 from workers.encode import escape_tag
 from workers.eventcount import event_counts_enabled
+
+if TYPE_CHECKING:
+    from senseflow.metrics import Observed
 
 log = logging.getLogger("senseflow.influxstats")
 
@@ -244,19 +251,16 @@ def merged_latency(statuses: dict[str, Any]) -> Histogram:
 class QueueMetrics:
     """Butler SOS's user-event queue fields over the interval since the last `fields()`."""
 
-    def __init__(self, supervisor: Any, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, supervisor: Observed, clock: Callable[[], float] = time.monotonic) -> None:
         self.supervisor = supervisor
         self.clock = clock
         udp = supervisor.config.butler.user_events.udp_server_config
-        self.backpressure = Backpressure(udp.message_queue.backpressure_threshold)
         self.rate_limited = udp.rate_limit.enable
         self.previous: dict[str, int] = {}
         self.previous_latency = Histogram.empty(LATENCY_BUCKETS)
         self.previous_time = clock()
 
     def fields(self) -> dict[str, float]:
-        from senseflow.supervisor import RAW_BYTES_PER_DATAGRAM
-
         totals = dict(self.supervisor.totals)
         delta = {k: v - self.previous.get(k, 0) for k, v in totals.items()}
         self.previous = totals
@@ -265,35 +269,34 @@ class QueueMetrics:
         raw = self.supervisor.channels.raw
         utilization = 100.0 * raw.pending_bytes() / raw.capacity
         processed = (
-            totals.get("events", 0)
-            + totals.get("excluded", 0)
-            + total(totals, "invalid")
-            + totals.get("dropped.worker_crash", 0)
+            totals.get(names.EVENTS, 0)
+            + totals.get(names.EXCLUDED, 0)
+            + total(totals, names.INVALID)
+            + totals.get(names.DROPPED_WORKER_CRASH, 0)
         )
         _, statuses = self.supervisor.telemetry.snapshot()
         running = max((s.pending for s in statuses.values()), default=0)
-        queue_full = delta.get("dropped.queue_full", 0)
         return {
-            "queue_size": max(0, totals.get("queued", 0) - processed),
+            "queue_size": max(0, totals.get(names.QUEUED, 0) - processed),
             "queue_max_size": raw.capacity // RAW_BYTES_PER_DATAGRAM,
             "queue_utilization_pct": round(utilization, 2),
             "queue_running": running,
             "queue_pending": running,  # the field's name in Butler SOS before the builder
-            "messages_received": delta.get("received", 0),
-            "messages_queued": delta.get("queued", 0),
-            "messages_processed": delta.get("events", 0)
-            + delta.get("excluded", 0)
-            + total(delta, "invalid"),
-            "messages_failed": total(delta, "failed"),
-            "messages_dropped_total": total(delta, "dropped"),
-            "messages_dropped_rate_limit": delta.get("dropped.rate_limited", 0),
-            "messages_dropped_queue_full": queue_full,
-            "messages_dropped_size": delta.get("dropped.too_large", 0),
+            "messages_received": delta.get(names.RECEIVED, 0),
+            "messages_queued": delta.get(names.QUEUED, 0),
+            "messages_processed": delta.get(names.EVENTS, 0)
+            + delta.get(names.EXCLUDED, 0)
+            + total(delta, names.INVALID),
+            "messages_failed": total(delta, names.FAILED),
+            "messages_dropped_total": total(delta, names.DROPPED),
+            "messages_dropped_rate_limit": delta.get(names.DROPPED_RATE_LIMITED, 0),
+            "messages_dropped_queue_full": delta.get(names.DROPPED_QUEUE_FULL, 0),
+            "messages_dropped_size": delta.get(names.DROPPED_TOO_LARGE, 0),
             **self.processing_times(statuses),
-            "rate_limit_current": round(delta.get("received", 0) / elapsed * 60)
+            "rate_limit_current": round(delta.get(names.RECEIVED, 0) / elapsed * 60)
             if self.rate_limited
             else 0,
-            "backpressure_active": int(self.backpressure.update(utilization, queue_full)),
+            "backpressure_active": int(self.supervisor.backpressure.take_active()),
         }
 
     def processing_times(self, statuses: dict[str, Any]) -> dict[str, float]:
@@ -312,22 +315,6 @@ class QueueMetrics:
         }
 
 
-class Backpressure:
-    """`messageQueue.backpressureThreshold` with Butler SOS's hysteresis: on when the raw
-    queue is that % full (or dropped batches), off again below 80 % of it."""
-
-    def __init__(self, threshold_pct: float) -> None:
-        self.threshold = threshold_pct
-        self.active = False
-
-    def update(self, utilization_pct: float, queue_full_drops: int = 0) -> bool:
-        if utilization_pct >= self.threshold or queue_full_drops:
-            self.active = True
-        elif utilization_pct < self.threshold * 0.8:
-            self.active = False
-        return self.active
-
-
 # -- the thread ----------------------------------------------------------------------------
 
 
@@ -335,8 +322,8 @@ class InfluxStats:
     """Writes the queue metrics and event counts on their own schedules; `stop()` writes
     once more (so the last interval's counts are not lost) and joins."""
 
-    def __init__(self, supervisor: Any) -> None:
-        config: Config = supervisor.config
+    def __init__(self, supervisor: Observed) -> None:
+        config = supervisor.config
         butler = config.butler
         self.supervisor = supervisor
         self.target = InfluxTarget(config)

@@ -59,39 +59,44 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from senseflow.backpressure import Backpressure
 from senseflow.httpserver import HttpLimits, HttpServer, Request, Response
 from senseflow.telemetry import Histogram, Telemetry
+from shared import counternames as names
+from shared.config import Config
+from shared.counternames import DROP_REASONS
 from shared.delivery import BATCH_BUCKETS, LATENCY_BUCKETS
 from shared.ipc import Channels
 from workers.parse import INVALID_REASONS
 
 log = logging.getLogger("senseflow.metrics")
 
-DROP_REASONS = (
-    "too_large",
-    "source_not_allowed",
-    "rate_limited",
-    "queue_full",
-    "kernel",
-    "worker_crash",
-    "spool_corrupt",
-)
 _PLAIN = {
-    "received": ("senseflow_datagrams_received", "UDP datagrams read from the socket"),
-    "queued": ("senseflow_datagrams_queued", "Datagrams handed to the workers"),
-    "events": ("senseflow_events_parsed", "Valid user events parsed by the workers"),
-    "excluded": ("senseflow_events_excluded", "Valid events dropped because the user is excluded"),
-    "mqtt.republished": ("senseflow_mqtt_republished", "MQTT messages re-sent after a reconnect"),
+    names.RECEIVED: ("senseflow_datagrams_received", "UDP datagrams read from the socket"),
+    names.QUEUED: ("senseflow_datagrams_queued", "Datagrams handed to the workers"),
+    names.EVENTS: ("senseflow_events_parsed", "Valid user events parsed by the workers"),
+    names.EXCLUDED: (
+        "senseflow_events_excluded",
+        "Valid events dropped because the user is excluded",
+    ),
+    names.MQTT_REPUBLISHED: (
+        "senseflow_mqtt_republished",
+        "MQTT messages re-sent after a reconnect",
+    ),
 }
 _BY_LABEL = {
-    "invalid": ("senseflow_datagrams_invalid", "Invalid datagrams, by reason", "reason"),
-    "dropped": ("senseflow_datagrams_dropped", "Datagrams dropped unparsed, by reason", "reason"),
+    names.INVALID: ("senseflow_datagrams_invalid", "Invalid datagrams, by reason", "reason"),
+    names.DROPPED: (
+        "senseflow_datagrams_dropped",
+        "Datagrams dropped unparsed, by reason",
+        "reason",
+    ),
 }
 _PER_DESTINATION = {
-    "written": ("senseflow_events_written", "Events acknowledged by the destination"),
-    "failed": ("senseflow_events_failed", "Events the destination rejected"),
-    "retries": ("senseflow_destination_retries", "Failed write attempts that were retried"),
-    "recovered": (
+    names.WRITTEN: ("senseflow_events_written", "Events acknowledged by the destination"),
+    names.FAILED: ("senseflow_events_failed", "Events the destination rejected"),
+    names.RETRIES: ("senseflow_destination_retries", "Failed write attempts that were retried"),
+    names.RECOVERED: (
         "senseflow_events_recovered",
         "Events a previous run left in the spool, delivered by this run",
     ),
@@ -99,12 +104,14 @@ _PER_DESTINATION = {
 
 
 class Observed(Protocol):
-    """What the collector reads from the supervisor."""
+    """What the observers (this collector, the InfluxDB stats) read from the supervisor."""
 
+    config: Config
     totals: dict[str, int]
     signals: list[int]
     channels: Channels
     telemetry: Telemetry
+    backpressure: Backpressure
 
     def destinations(self) -> list[str]: ...
 
@@ -126,7 +133,7 @@ def counter_metrics(totals: dict[str, int], destinations: list[str]) -> Iterator
     for key, (name, text) in _PLAIN.items():
         yield CounterMetricFamily(name, text, value=totals.get(key, 0))
         used.add(key)
-    defaults = {"invalid": INVALID_REASONS, "dropped": DROP_REASONS}
+    defaults = {names.INVALID: INVALID_REASONS, names.DROPPED: DROP_REASONS}
     for prefix, (name, text, label) in _BY_LABEL.items():
         family = CounterMetricFamily(name, text, labels=[label])
         for value, count in labelled(totals, prefix, defaults[prefix], used):
@@ -150,10 +157,10 @@ def destination_drops(
     totals: dict[str, int], destinations: list[str], used: set[str]
 ) -> CounterMetricFamily:
     """`dropped.<reason>.<destination>`: events given up for one destination (spool full)."""
-    values = {("destination_full", d): 0 for d in destinations}
+    values = {(names.DESTINATION_FULL, d): 0 for d in destinations}
     for key, count in totals.items():
         parts = key.split(".")
-        if len(parts) == 3 and parts[0] == "dropped":
+        if len(parts) == 3 and parts[0] == names.DROPPED:
             values[(parts[1], parts[2])] = count
             used.add(key)
     family = CounterMetricFamily(

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from senseflow.httpserver import HttpLimits
+    from senseflow.metrics import Observed
+    from shared.config import Pipeline
 
 log = logging.getLogger("senseflow.supervisor")
+
+
+class Observer(Protocol):
+    def stop(self) -> None: ...
 
 
 class Observers:
     """Started before the children (so that /healthz answers during boot), stopped last."""
 
     def __init__(self) -> None:
-        self.running: list[Any] = []
+        self.running: list[Observer] = []
 
     def stop(self) -> None:
         for observer in reversed(self.running):
@@ -20,7 +29,7 @@ class Observers:
         self.running.clear()
 
 
-def start_observers(supervisor: Any) -> Observers | None:
+def start_observers(supervisor: Observed) -> Observers | None:
     """None when the metrics port cannot be bound (reported, the service does not start)."""
     from senseflow.influxstats import InfluxStats
     from senseflow.metrics import MetricsServer
@@ -45,7 +54,7 @@ def start_observers(supervisor: Any) -> Observers | None:
     return observers
 
 
-def http_limits(pipe: Any) -> Any:
+def http_limits(pipe: Pipeline) -> HttpLimits:
     from senseflow.httpserver import HttpLimits
 
     http = pipe.http

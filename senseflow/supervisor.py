@@ -2,7 +2,8 @@
 
 Modelled on gunicorn's arbiter and uvicorn's multiprocess supervisor: signal handlers only
 record; one loop reads the children's reports (readiness, telemetry) and sums their shared
-counter blocks, reaps the dead (telling the writer what a dead worker held),
+counter blocks, kills a child that stopped beating its heartbeat (senseflow/liveness.py),
+reaps the dead (telling the writer what a dead worker held),
 restarts a child that crashed at run time with capped backoff, halts on a boot failure or
 a restart storm, and on the first SIGTERM/SIGINT drains in order: receivers stop reading,
 workers finish every batch read, the writer flushes every destination. A second signal
@@ -22,22 +23,17 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from senseflow.appnames import AppNamesPublisher
-from senseflow.influxstats import Backpressure
+from senseflow.backpressure import Backpressure
+from senseflow.liveness import kill_wedged
 from senseflow.observers import start_observers
 from senseflow.telemetry import Telemetry
+from shared import counternames as names
 from shared import exitcodes
 from shared.config import Config
 from shared.counters import SharedCounters, new_block, sum_counters, summary_line
-from shared.events import RAW_ENCODER, EncodedBatch
-from shared.ipc import (
-    REPORTS_CAPACITY,
-    STOP,
-    Channels,
-    Flag,
-    MessageChannel,
-    SourceCounts,
-    drain_reports,
-)
+from shared.events import RAW_ENCODER, Fence
+from shared.ipc import STOP, MessageChannel, drain_reports, open_channels
+from workers.writer.destinations import destination_names
 
 log = logging.getLogger("senseflow.supervisor")
 
@@ -46,9 +42,6 @@ STORM_WINDOW = 60.0
 STORM_RESTARTS = 10
 GRACEFUL_TIMEOUT = 90.0
 BOOT_TIMEOUT = 30.0
-RAW_BYTES_PER_DATAGRAM = 512
-ENCODED_BYTES_PER_EVENT = 2048
-MIN_CHANNEL_BYTES = 4 * 1024 * 1024
 
 
 def child_main(target: Callable[..., int], args: tuple[Any, ...]) -> None:
@@ -74,9 +67,11 @@ class Child:
         self.ready = False
         self.restarts: list[float] = []
         self.restart_at = 0.0
+        self.started_at = 0.0
 
     def spawn(self, context: Any) -> None:
         self.ready = False
+        self.started_at = time.monotonic()
         self.process = context.Process(
             target=child_main, args=(self.target, self.args), name=self.name
         )
@@ -91,21 +86,16 @@ class Child:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
+    def reap(self) -> None:
+        if self.process is not None:
+            self.process.join(1)
+
     def next_restart_delay(self, now: float) -> float:
         self.restarts = [t for t in self.restarts if now - t < STORM_WINDOW] + [now]
         return float(min(MAX_RESTART_DELAY, 0.5 * 2 ** (len(self.restarts) - 1)))
 
     def storming(self) -> bool:
         return len(self.restarts) > STORM_RESTARTS
-
-
-def raw_channel_bytes(config: Config) -> int:
-    """The readers -> workers channel: `queueSize` batches of `readerBatchSize` datagrams,
-    and never fewer datagrams than Butler SOS's `messageQueue.maxSize` would queue."""
-    pipe = config.pipeline
-    queue = config.butler.user_events.udp_server_config.message_queue
-    datagrams = max(pipe.queue_size * pipe.reader_batch_size, queue.max_size)
-    return max(MIN_CHANNEL_BYTES, datagrams * RAW_BYTES_PER_DATAGRAM)
 
 
 def describe_exit(code: int | None) -> str:
@@ -122,24 +112,11 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.app_names = AppNamesPublisher(config)
         pipe = config.pipeline
-        self.channels = Channels(
-            raw=MessageChannel(raw_channel_bytes(config)),
-            encoded=MessageChannel(
-                max(
-                    MIN_CHANNEL_BYTES,
-                    pipe.queue_size * pipe.reader_batch_size * ENCODED_BYTES_PER_EVENT,
-                )
-            ),
-            reports=MessageChannel(REPORTS_CAPACITY),
-            stop=Flag(self.context),
-            app_names_path=self.app_names.path,
-            sources=SourceCounts(self.context, pipe.readers),
-        )
+        self.channels = open_channels(config, self.context, self.app_names.path)
         self.totals: dict[str, int] = {}
         self.fences: list[bytes] = []  # for the writer: what dead workers held
         threshold = config.butler.user_events.udp_server_config.message_queue
         self.backpressure = Backpressure(threshold.backpressure_threshold)
-        self.queue_full_seen = 0
         self.telemetry = Telemetry(config, self.destinations())  # delivery, latency, children
         self.signals: list[int] = []
         self.fatal: dict[str, str] = {}
@@ -251,11 +228,13 @@ class Supervisor:
             self.read_reports(0.2)
             if self.signals:
                 return self.drain()
+            kill_wedged(self.children, self.config.pipeline.heartbeat_timeout, time.monotonic())
             code = self.reap_children()
             if code is not None:
                 self.stop_now()
                 return code
-            self.watch_backpressure()
+            queue_full = self.totals.get(names.DROPPED_QUEUE_FULL, 0)
+            self.backpressure.watch(self.channels.raw, queue_full)
             self.maybe_log_summary()
 
     def reap_children(self) -> int | None:
@@ -292,36 +271,15 @@ class Supervisor:
                 child.spawn(self.context)
         return None
 
-    def watch_backpressure(self) -> None:
-        """Log when the raw queue passes `messageQueue.backpressureThreshold` % (or drops a
-        batch), and when it is back under, as Butler SOS does."""
-        raw = self.channels.raw
-        utilization = 100.0 * raw.pending_bytes() / raw.capacity
-        queue_full = self.totals.get("dropped.queue_full", 0)
-        new_drops, self.queue_full_seen = queue_full - self.queue_full_seen, queue_full
-        was_active = self.backpressure.active
-        if self.backpressure.update(utilization, new_drops) and not was_active:
-            log.warning(
-                "backpressure: the workers' queue is %.0f%% full%s (threshold %s%%); "
-                "add --workers if it persists",
-                utilization,
-                f", {new_drops} datagram(s) dropped" if new_drops else "",
-                self.backpressure.threshold,
-            )
-        elif was_active and not self.backpressure.active:
-            log.info("backpressure over: the workers' queue is %.0f%% full", utilization)
-
     def settle_worker(self, child: Child) -> None:
-        """A worker died: tell the writer what it held (a fence batch, after anything it
-        sent), and let its successor number its sends past it."""
-        from workers.process import HELD, NUMBER, holding
-
-        number, datagrams = holding(child.counters)
+        """A worker died: tell the writer what it held (a fence, after anything it sent),
+        and let its successor number its sends past it."""
+        number = child.counters.get(names.WORKER_NUMBER)
+        datagrams = child.counters.get(names.WORKER_HELD)
         if datagrams:
-            index = self.workers.index(child)
-            fence = EncodedBatch(b"", [], b"", [], [], {}, index, number, datagrams, fence=True)
+            fence = Fence(self.workers.index(child), number, datagrams)
             self.fences.append(RAW_ENCODER.encode(fence))
-            child.counters.commit({}, {NUMBER: number + 1, HELD: 0})
+            child.counters.commit({}, {names.WORKER_NUMBER: number + 1, names.WORKER_HELD: 0})
         self.send_fences()
 
     def send_fences(self, timeout: float = 0.0) -> None:
@@ -467,8 +425,6 @@ class Supervisor:
     # -- summaries --------------------------------------------------------------------------
 
     def destinations(self) -> list[str]:
-        from workers.writer.process import destination_names
-
         return destination_names(self.config)
 
     def maybe_log_summary(self) -> None:

@@ -320,6 +320,9 @@ class Pipeline(Own, frozen=True):
     log_format: Literal["text", "json"] = "text"
     influx_schema: Literal["seed", "butler-sos"] = "seed"
     """user_events names: `seed` (SPEC 3) or what Butler SOS 15 writes (workers/encode.py)."""
+    heartbeat_timeout: float = 30.0
+    """Seconds a child may go without a heartbeat before the supervisor kills and restarts
+    it (a wedged process: alive, not working); 0 turns the check off."""
     mqtt: MqttOptions = MqttOptions()
     spool: SpoolOptions = SpoolOptions()
     http: HttpOptions = HttpOptions()
@@ -435,9 +438,24 @@ def check_semantics(config: Config) -> list[str]:
     problems.extend(_check_new_relic_accounts(config.butler))
     problems.extend(_check_new_relic_url(config))
     problems.extend(_check_metrics(pipe))
+    problems.extend(_check_heartbeat(pipe))
     problems.extend(_check_app_names(config.butler))
     problems.extend(_check_mqtt(config))
     return problems
+
+
+MIN_HEARTBEAT_TIMEOUT = 2.0
+"""Four heartbeats (one per 0.5 s report interval): less would kill healthy children."""
+
+
+def _check_heartbeat(pipe: Pipeline) -> list[str]:
+    timeout = pipe.heartbeat_timeout
+    if timeout == 0 or timeout >= MIN_HEARTBEAT_TIMEOUT:
+        return []
+    return [
+        f"{OWN_SECTION}.heartbeatTimeout: expected 0 (off) or at least "
+        f"{MIN_HEARTBEAT_TIMEOUT:g} seconds, found {timeout:g}"
+    ]
 
 
 def _check_metrics(pipe: Pipeline) -> list[str]:

@@ -1,14 +1,6 @@
 """Counters of every process, and how they reach the supervisor (SPEC 4).
 
-Names are dotted: `received`, `queued`, `events`, `invalid.<reason>`, `excluded`,
-`dropped.<reason>` (`too_large`, `source_not_allowed`, `rate_limited`, `queue_full`,
-`kernel`, `worker_crash`), `written.<destination>`, `failed.<destination>`,
-`dropped.destination_full.<destination>` (given up on by one destination only, so not part
-of the `dropped` that balances `received`) and `recovered.<destination>` (events a previous
-run left in the spool, delivered by this one). Issue 12 adds `dropped.spool_corrupt` (spool
-*records* that no longer read back), `dropped.spool_mismatch.<destination>` (events spooled
-for a different destination, skipped with `discardMismatch`) and `spool.write_errors`
-(appends that failed, disk full, and were retried); none of them is in that balance.
+Every name comes from shared/counternames.py (the catalogue).
 
 Each child slot counts into its own `SharedCounters` block and the supervisor sums the
 blocks, so counts survive the death of the process that made them. Per run:
@@ -22,8 +14,11 @@ blocks, so counts survive the death of the process that made them. Per run:
 from __future__ import annotations
 
 import ctypes
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
+
+from shared import counternames as names
 
 
 class Counting(Protocol):
@@ -76,31 +71,30 @@ def received_side_drops(values: Mapping[str, int]) -> int:
     """Drops of datagrams before they became events: received = events + invalid +
     excluded + this (kernel drops are counted too, though never `received`)."""
     return (
-        total(values, "dropped")
-        - total(values, "dropped.destination_full")
-        - values.get("dropped.kernel", 0)
-        - values.get("dropped.spool_corrupt", 0)
-        - total(values, "dropped.spool_mismatch")
+        total(values, names.DROPPED)
+        - total(values, names.dropped(names.DESTINATION_FULL))
+        - values.get(names.DROPPED_KERNEL, 0)
+        - values.get(names.DROPPED_SPOOL_CORRUPT, 0)
+        - total(values, names.dropped(names.SPOOL_MISMATCH))
     )
 
 
 def summary_line(values: Mapping[str, int], destinations: Iterable[str]) -> str:
     """One log line that shows whether the counters add up."""
     parts = [
-        f"received={values.get('received', 0)}",
-        f"events={values.get('events', 0)}",
-        f"invalid={total(values, 'invalid')}",
-        f"excluded={values.get('excluded', 0)}",
-        f"dropped={received_side_drops(values)}",
+        f"{names.RECEIVED}={values.get(names.RECEIVED, 0)}",
+        f"{names.EVENTS}={values.get(names.EVENTS, 0)}",
+        f"{names.INVALID}={total(values, names.INVALID)}",
+        f"{names.EXCLUDED}={values.get(names.EXCLUDED, 0)}",
+        f"{names.DROPPED}={received_side_drops(values)}",
     ]
     for destination in destinations:
-        parts.append(f"written.{destination}={values.get('written.' + destination, 0)}")
-        parts.append(f"failed.{destination}={values.get('failed.' + destination, 0)}")
-        if values.get("recovered." + destination):
-            parts.append(f"recovered.{destination}={values['recovered.' + destination]}")
-    details = [
-        f"{k}={v}" for k, v in sorted(values.items()) if k.startswith(("invalid.", "dropped."))
-    ]
+        for key in (names.written(destination), names.failed(destination)):
+            parts.append(f"{key}={values.get(key, 0)}")
+        if recovered := values.get(names.recovered(destination)):
+            parts.append(f"{names.recovered(destination)}={recovered}")
+    prefixes = (names.INVALID_PREFIX, names.DROPPED + ".")
+    details = [f"{k}={v}" for k, v in sorted(values.items()) if k.startswith(prefixes)]
     return " ".join(parts + details)
 
 
@@ -112,7 +106,7 @@ _NAME_BYTES = 48 * 1024
 _GENERATION, _COUNT, _NAMES_USED = 0, 1, 2
 _HEADER_WORDS = 4
 _BLOCK_WORDS = _HEADER_WORDS + 2 * BLOCK_SLOTS + _NAME_BYTES // 8
-HIDDEN = "_"
+HIDDEN = names.HIDDEN
 """Names starting with this are a process's own bookkeeping, never summed or shown."""
 
 
@@ -253,3 +247,18 @@ def sum_counters(blocks: Iterable[SharedCounters]) -> dict[str, int]:
         for name, value in block.visible().items():
             totals[name] = totals.get(name, 0) + value
     return totals
+
+
+# -- liveness --------------------------------------------------------------------------------
+
+
+def beat(counters: SharedCounters) -> None:
+    """A child's heartbeat: the time (system-wide monotonic clock, ms) into its block.
+    Called from its event loop's report timer, so a wedged loop stops beating, and the
+    supervisor kills and restarts it (senseflow/liveness.py)."""
+    counters.set(names.HEARTBEAT, int(time.monotonic() * 1000))
+
+
+def last_beat(counters: SharedCounters) -> float:
+    """The monotonic time (s) of the block's last heartbeat; 0 when it never beat."""
+    return counters.get(names.HEARTBEAT) / 1000

@@ -1,10 +1,11 @@
 """What the writer knows about delivery, aggregated there and reported as deltas.
 
-Sinks call `DeliveryTracker.delivered(destination, received_ns)` once per acknowledged
-batch (never per event over IPC). The tracker turns that into histogram deltas of the
-end-to-end latency (receive time stamped by the reader -> destination acknowledgement)
-and of batch sizes, and tells, per destination, how many events wait and for how long
-nothing was acknowledged while they did (the `/healthz` rule). `take_report()` is sent
+The writer's feeds call `DeliveryTracker.delivered(destination, received_ns)` once per
+batch their sink acknowledged (never per event over IPC). The tracker turns that into
+histogram deltas of the end-to-end latency (receive time stamped by the reader ->
+destination acknowledgement) and of batch sizes, and tells, per destination, how many
+events wait and for how long nothing was acknowledged while they did (the `/healthz`
+rule). `take_report()` is sent
 to the supervisor as a `"delivery"` report every report interval.
 
 Cost: one `sorted()` of the batch's receive times (nearly sorted already: timsort is
@@ -15,9 +16,10 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from shared import counternames as names
 from shared.config import Config
 from shared.counters import Counting
 
@@ -62,7 +64,7 @@ class HistogramDelta:
         return {"buckets": self.buckets, "sum": self.total, "count": self.count, "max": self.max}
 
 
-def observe_latencies(hist: HistogramDelta, received_ns: list[int], now_ns: int) -> None:
+def observe_latencies(hist: HistogramDelta, received_ns: Sequence[int], now_ns: int) -> None:
     """Add one latency per receive time: `now_ns - received_ns[i]`, in seconds."""
     times = sorted(received_ns)
     n = len(times)
@@ -128,8 +130,8 @@ class DeliveryTracker:
         """The writer took `events` more events; every destination gets all of them."""
         self.accepted += events
 
-    def delivered(self, destination: str, received_ns: list[int]) -> None:
-        """The `on_delivered` callback of the sinks: one acknowledged batch."""
+    def delivered(self, destination: str, received_ns: Sequence[int]) -> None:
+        """One acknowledged batch: the receive times of its delivered events."""
         if not received_ns or destination not in self.latency:
             return
         observe_latencies(self.latency[destination], received_ns, self.wall_ns())
@@ -139,10 +141,10 @@ class DeliveryTracker:
         """Events resolved for a destination: written, failed, or dropped for it."""
         values = self.counters.snapshot()
         suffix = f".{destination}"
-        dropped = sum(
-            v for k, v in values.items() if k.startswith("dropped.") and k.endswith(suffix)
-        )
-        return values.get(f"written{suffix}", 0) + values.get(f"failed{suffix}", 0) + dropped
+        prefix = names.DROPPED + "."
+        dropped = sum(v for k, v in values.items() if k.startswith(prefix) and k.endswith(suffix))
+        written = values.get(names.written(destination), 0)
+        return written + values.get(names.failed(destination), 0) + dropped
 
     def pending(self, destination: str, done: int) -> int:
         if self.spool is not None:

@@ -48,18 +48,18 @@ class UserEvent(msgspec.Struct, gc=False):
         return ACTIONS.index(self.command)
 
 
-class EncodedBatch(msgspec.Struct, array_like=True, gc=False):
+class EncodedBatch(msgspec.Struct, array_like=True, gc=False, tag=1):
     """A worker's output for one raw batch: bytes ready to send, and its counters.
 
-    `lines` is newline-terminated InfluxDB line protocol, one line per event.
-    `mqtt_payloads[i]` belongs to the event whose action index is `actions[i]`.
-    `newrelic` holds one JSON object per event (empty when New Relic is off).
+    One field per destination, filled by the encoder its record in
+    workers/writer/destinations.py names (a field each, not a dict: the hot path builds
+    one of these per batch). `lines` is newline-terminated InfluxDB line protocol, one
+    line per event. `mqtt_payloads[i]` belongs to the event whose action index is
+    `actions[i]`. `newrelic` holds one JSON object per event (empty when New Relic is off).
     `received_ns` is the receive time per event, for latency measurement.
     `worker` and `number` say which worker sent it and its place in that worker's sends
     (consecutive, carried on across restarts of the worker); `datagrams` is how many
-    datagrams it accounts for (events + invalid + excluded). A `fence` batch carries no
-    events: the supervisor sends it after `worker` died holding `datagrams` datagrams from
-    its send `number` on, and the writer counts those it never got as lost.
+    datagrams it accounts for (events + invalid + excluded).
     """
 
     lines: bytes
@@ -71,7 +71,50 @@ class EncodedBatch(msgspec.Struct, array_like=True, gc=False):
     worker: int = -1
     number: int = 0
     datagrams: int = 0
+
+
+class Fence(msgspec.Struct, array_like=True, gc=False, tag=2):
+    """Sent by the supervisor, never a worker: `worker` died holding `datagrams` datagrams
+    from its send `number` on. Queued behind anything that worker sent, so the writer
+    counts those it never got as lost (`dropped.worker_crash`)."""
+
+    worker: int
+    number: int
+    datagrams: int
+
+
+class _UntaggedBatch(msgspec.Struct, array_like=True, gc=False):
+    """An `EncodedBatch` as spooled before batches were tagged (a previous version's spool)."""
+
+    lines: bytes
+    mqtt_payloads: list[bytes]
+    actions: bytes
+    newrelic: list[bytes]
+    received_ns: list[int]
+    counters: dict[str, int]
+    worker: int = -1
+    number: int = 0
+    datagrams: int = 0
     fence: bool = False
+
+
+def decode_spooled(record: bytes) -> EncodedBatch:
+    """A batch read back from the spool, also one an older version spooled."""
+    try:
+        return SPOOLED_DECODER.decode(record)
+    except msgspec.ValidationError:
+        old = _UNTAGGED_DECODER.decode(record)
+        return EncodedBatch(
+            old.lines,
+            old.mqtt_payloads,
+            old.actions,
+            old.newrelic,
+            old.received_ns,
+            old.counters,
+            old.worker,
+            old.number,
+            old.datagrams,
+        )
 
 
 def raw_batch_size(message: bytes) -> int:
@@ -88,4 +131,7 @@ def raw_batch_size(message: bytes) -> int:
 
 RAW_ENCODER = msgspec.msgpack.Encoder()
 RAW_DECODER = msgspec.msgpack.Decoder(RawBatch)
-ENCODED_DECODER = msgspec.msgpack.Decoder(EncodedBatch)
+ENCODED_DECODER = msgspec.msgpack.Decoder(EncodedBatch | Fence)
+"""The workers -> writer channel: a batch, or the supervisor's fence."""
+SPOOLED_DECODER = msgspec.msgpack.Decoder(EncodedBatch)
+_UNTAGGED_DECODER = msgspec.msgpack.Decoder(_UntaggedBatch)

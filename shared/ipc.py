@@ -28,12 +28,36 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from shared.config import Config
+
 STOP = b""
 REPORT_INTERVAL = 0.5
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 # What the kernel keeps per datagram beyond the payload, counted against the send buffer.
 _DATAGRAM_OVERHEAD = 1024
+
+
+RAW_BYTES_PER_DATAGRAM = 512
+"""Sizing estimate of a datagram in the raw channel (Butler SOS's queue counts datagrams)."""
+ENCODED_BYTES_PER_EVENT = 2048
+MIN_CHANNEL_BYTES = 4 * 1024 * 1024
+
+
+def raw_channel_bytes(config: Config) -> int:
+    """The readers -> workers channel: `queueSize` batches of `readerBatchSize` datagrams,
+    and never fewer datagrams than Butler SOS's `messageQueue.maxSize` would queue."""
+    pipe = config.pipeline
+    queue = config.butler.user_events.udp_server_config.message_queue
+    datagrams = max(pipe.queue_size * pipe.reader_batch_size, queue.max_size)
+    return max(MIN_CHANNEL_BYTES, datagrams * RAW_BYTES_PER_DATAGRAM)
+
+
+def encoded_channel_bytes(config: Config) -> int:
+    """The workers -> writer channel: `queueSize` batches of `readerBatchSize` events."""
+    pipe = config.pipeline
+    events = pipe.queue_size * pipe.reader_batch_size
+    return max(MIN_CHANNEL_BYTES, events * ENCODED_BYTES_PER_EVENT)
 
 
 class MessageChannel:
@@ -170,6 +194,18 @@ class Channels:
 
 REPORTS_CAPACITY = 4 * 1024 * 1024
 REPORT_SEND_TIMEOUT = 5.0
+
+
+def open_channels(config: Config, context: Any, app_names_path: str = "") -> Channels:
+    """Every channel of a run, each sized as its function above says."""
+    return Channels(
+        raw=MessageChannel(raw_channel_bytes(config)),
+        encoded=MessageChannel(encoded_channel_bytes(config)),
+        reports=MessageChannel(REPORTS_CAPACITY),
+        stop=Flag(context),
+        app_names_path=app_names_path,
+        sources=SourceCounts(context, config.pipeline.readers),
+    )
 
 
 def report(channels: Channels, name: str, kind: str, payload: Any = None) -> None:

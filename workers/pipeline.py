@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from shared.config import Config
+from shared.counternames import EVENTS, EXCLUDED, INVALID_PREFIX
 from shared.events import ACTIONS, EncodedBatch, RawBatch, UserEvent
 from workers.encode import EventEncoder
 from workers.enrich import Enricher
 from workers.eventcount import EventCounts, event_counts_enabled
 from workers.parse import parse_datagram
+from workers.writer.destinations import INFLUXDB, MQTT, NEWRELIC
 
 _ACTION_INDEX = {action: index for index, action in enumerate(ACTIONS)}
 _Encoders = tuple[
@@ -23,14 +25,13 @@ class EventPipeline:
     """Built once per worker process; `process_batch` is the hot path."""
 
     def __init__(self, config: Config, app_names: Mapping[str, str] | None = None) -> None:
-        butler = config.butler
         self.enricher = Enricher(config, app_names)
         self.encoder = EventEncoder(config)
-        self.to_influx = (
-            butler.influxdb_config.enable and butler.user_events.send_to_influxdb.enable
-        )
-        self.to_mqtt = butler.mqtt_config.enable and butler.user_events.send_to_mqtt.enable
-        self.to_newrelic = butler.new_relic.enable and butler.user_events.send_to_new_relic.enable
+        # Whether to encode for a destination: its record decides (the writer feeds it then).
+        self.to_influx = INFLUXDB.enabled(config)
+        self.to_mqtt = MQTT.enabled(config)
+        self.to_newrelic = NEWRELIC.enabled(config)
+        self.encoders = self._encoders()
         self.event_counts = EventCounts() if event_counts_enabled(config) else None
 
     def set_app_names(self, app_names: Mapping[str, str]) -> None:
@@ -47,7 +48,7 @@ class EventPipeline:
         if counts is not None:  # Butler SOS counts before it excludes users
             counts.add(event.message_type, event.host, event.origin)
         if self.enricher.is_excluded(event):
-            return "excluded"
+            return EXCLUDED
         self.enricher.enrich(event)
         return event
 
@@ -61,21 +62,21 @@ class EventPipeline:
         counters: dict[str, int] = {}
         parse, enrich = parse_datagram, self.enricher.enrich
         is_excluded = self.enricher.is_excluded if self.enricher.excluded else None
-        to_line, to_mqtt, to_newrelic = self._encoders()
+        to_line, to_mqtt, to_newrelic = self.encoders
         counts = self.event_counts
         if counts is not None:
             counts.begin()
         for data, received_ns in zip(raw.datagrams, raw.received_ns, strict=True):
             event = parse(data, received_ns)
             if isinstance(event, str):
-                _count(counters, f"invalid.{event}")
+                _count(counters, INVALID_PREFIX + event)
                 if counts is not None:
                     counts.add_unknown()
                 continue
             if counts is not None:  # Butler SOS counts before it excludes users
                 counts.add(event.message_type, event.host, event.origin)
             if is_excluded is not None and is_excluded(event):
-                _count(counters, "excluded")
+                _count(counters, EXCLUDED)
                 continue
             enrich(event)
             received.append(received_ns)
@@ -86,7 +87,7 @@ class EventPipeline:
                 actions.append(_ACTION_INDEX[event.command])
             if to_newrelic is not None:
                 newrelic.append(to_newrelic(event))
-        counters["events"] = len(received)
+        counters[EVENTS] = len(received)
         return EncodedBatch(
             lines="".join(lines).encode(),
             mqtt_payloads=payloads,
@@ -97,12 +98,12 @@ class EventPipeline:
         )
 
     def _encoders(self) -> _Encoders:
-        """The encoders of the enabled destinations (line, MQTT, New Relic), None if off."""
+        """The encoders the records name (line, MQTT, New Relic), None where disabled."""
         encoder = self.encoder
         return (
-            encoder.line if self.to_influx else None,
-            encoder.mqtt if self.to_mqtt else None,
-            encoder.newrelic if self.to_newrelic else None,
+            getattr(encoder, INFLUXDB.encoder) if self.to_influx else None,
+            getattr(encoder, MQTT.encoder) if self.to_mqtt else None,
+            getattr(encoder, NEWRELIC.encoder) if self.to_newrelic else None,
         )
 
 

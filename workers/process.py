@@ -2,21 +2,22 @@
 
 The worker counts nothing of its own: each encoded batch carries its counts (events,
 invalid, excluded) to the writer, which counts them as it spools the batch. What the
-worker records, in its shared counter block, is what it holds: `_number`, the number of
-its next send, and `_held`, how many datagrams it has taken and not yet sent on. If the
-worker is killed, the supervisor reads that and tells the writer (a fence batch), which
-counts what never arrived as `dropped.worker_crash`.
+worker records, in its shared counter block, is what it holds: `WORKER_NUMBER`, the number
+of its next send, and `WORKER_HELD`, how many datagrams it has taken and not yet sent on
+(shared/counternames.py). If the worker is killed, the supervisor reads that and tells the
+writer (a `Fence`), which counts what never arrived as `dropped.worker_crash`. On its
+report timer it beats its heartbeat (the supervisor restarts a worker that stops).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from shared import exitcodes
 from shared.config import Config
-from shared.counters import SharedCounters
+from shared.counternames import EVENTS, INVALID_PREFIX, WORKER_HELD, WORKER_NUMBER
+from shared.counters import SharedCounters, beat
 from shared.events import RAW_DECODER, RAW_ENCODER, RawBatch, raw_batch_size
 from shared.ipc import REPORT_INTERVAL, STOP, Channels, report, start_parent_watch
 from shared.logs import RateLimitedLog, setup_logging
@@ -26,27 +27,16 @@ from workers.samples import InvalidSample
 
 log = logging.getLogger("senseflow.worker")
 
-# -- benchmark switch (benchmarks/suite.py, "receiver alone") ---------------------------------
-# SENSEFLOW_BENCH_DISCARD=1 makes every worker decode each raw batch, count its datagrams as
-# `events` and `written.discard`, and drop it: no parsing, no destinations. It measures the
-# socket -> queue rate of the readers with consumers that cost (almost) nothing. Never set
-# it in production: events are counted as written and are not.
-BENCH_DISCARD = os.environ.get("SENSEFLOW_BENCH_DISCARD") == "1"
-
-
-NUMBER = "_number"
-HELD = "_held"
-
-
-def holding(counters: SharedCounters) -> tuple[int, int]:
-    """(number of the next send, datagrams held) of the worker slot."""
-    return counters.get(NUMBER), counters.get(HELD)
-
 
 def run(config: Config, channels: Channels, index: int, parent_pid: int, block: object) -> int:
     name = f"worker-{index}"
     setup_logging(config.pipeline.log_level, config.pipeline.log_format, name)
-    worker = Worker(config, channels, index, SharedCounters(block))
+    return start(Worker(config, channels, index, SharedCounters(block)), parent_pid)
+
+
+def start(worker: Worker, parent_pid: int) -> int:
+    """Serve until stopped; `run` for this worker, benchmarks/discard.py for its own."""
+    channels, name = worker.channels, worker.name
     start_parent_watch(parent_pid, worker.orphaned)
     report(channels, name, "ready")
     return worker.serve()
@@ -61,7 +51,7 @@ class Worker:
         self.name = f"worker-{index}"
         self.counters = counters
         # A predecessor's sends were numbered up to here; the supervisor settled what it held.
-        self.number, _ = holding(counters)
+        self.number = counters.get(WORKER_NUMBER)
         self.pipeline = EventPipeline(config, load_app_names(config))
         self.app_names = AppNamesWatcher(channels.app_names_path)
         self.refresh_app_names()
@@ -74,6 +64,7 @@ class Worker:
 
     def serve(self) -> int:
         next_report = time.monotonic() + REPORT_INTERVAL
+        beat(self.counters)
         while not self.orphan:
             item = self.channels.raw.receive(REPORT_INTERVAL)
             if item == STOP:
@@ -81,6 +72,7 @@ class Worker:
             if item is not None:
                 self.process(item)
             if time.monotonic() >= next_report:
+                beat(self.counters)
                 self.report_counters()
                 self.refresh_app_names()
                 next_report = time.monotonic() + REPORT_INTERVAL
@@ -89,17 +81,8 @@ class Worker:
 
     def process(self, item: bytes) -> None:
         self.held = raw_batch_size(item)
-        self.counters.set(HELD, self.held)
-        if BENCH_DISCARD:
-            self.discard(item)
-        else:
-            self.process_raw(RAW_DECODER.decode(item))
-
-    def discard(self, item: bytes) -> None:
-        """SENSEFLOW_BENCH_DISCARD=1 (benchmarks only): decode, count, drop."""
-        count = len(RAW_DECODER.decode(item).datagrams)
-        self.counters.commit({"events": count, "written.discard": count}, {HELD: 0})
-        self.held = 0
+        self.counters.set(WORKER_HELD, self.held)
+        self.process_raw(RAW_DECODER.decode(item))
 
     def process_raw(self, raw: RawBatch) -> None:
         batch = self.pipeline.process_batch(raw)
@@ -112,25 +95,30 @@ class Worker:
             return
         if self.pipeline.event_counts is not None:
             self.pipeline.event_counts.commit()
-        if batch.counters.keys() - {"events"}:
+        if batch.counters.keys() - {EVENTS}:
             self.log_invalid(batch.counters, raw)
         # Sent even when it holds no event: the writer counts its invalid and excluded.
         if not self.send(message):
             return
         self.number += 1
         self.held -= batch.datagrams
-        self.counters.commit({}, {NUMBER: self.number, HELD: self.held})
+        self.counters.commit({}, {WORKER_NUMBER: self.number, WORKER_HELD: self.held})
 
     def send(self, message: bytes) -> bool:
-        """Wait for room as long as it takes, unless the supervisor dies meanwhile (then
-        nobody will ever read the channel: give up, and `serve()` ends)."""
-        while not self.channels.encoded.send(message, timeout=REPORT_INTERVAL):
+        """To the writer. While its channel is full (backpressure, not a wedged worker) the
+        heartbeat goes on; if the supervisor dies meanwhile nobody will ever read the
+        channel: give up, and `serve()` ends."""
+        channel = self.channels.encoded
+        if channel.send_nowait(message):
+            return True
+        while not channel.send(message, timeout=REPORT_INTERVAL):
+            beat(self.counters)
             if self.orphan:
                 return False
         return True
 
     def log_invalid(self, counters: dict[str, int], raw: RawBatch) -> None:
-        reasons = {k: v for k, v in counters.items() if k.startswith("invalid.")}
+        reasons = {k: v for k, v in counters.items() if k.startswith(INVALID_PREFIX)}
         if reasons:
             self.invalid_log.warning(
                 "invalid datagrams in a batch: %s; sample: %s", reasons, InvalidSample(raw)

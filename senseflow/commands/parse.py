@@ -10,6 +10,7 @@ import msgspec
 
 from shared import exitcodes
 from shared.config import Config
+from shared.counternames import EXCLUDED
 from workers.pipeline import EventPipeline
 
 
@@ -35,7 +36,7 @@ def dry_run(
         result = pipeline.event_or_reason(datagram, last_ns)
         if output_format == "line-protocol":
             if isinstance(result, str):
-                text = "# excluded\n" if result == "excluded" else f"# invalid: {result}\n"
+                text = "# excluded\n" if result == EXCLUDED else f"# invalid: {result}\n"
                 sink.write(text.encode())
             else:
                 sink.write(pipeline.encoder.line(result).encode())
@@ -43,7 +44,7 @@ def dry_run(
         if isinstance(result, str):
             outcome = (
                 Outcome("excluded", None, None)
-                if result == "excluded"
+                if result == EXCLUDED
                 else Outcome("invalid", result, None)
             )
         else:

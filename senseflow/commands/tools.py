@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape, quoteattr
 
 from shared import exitcodes
 from shared.config import Config, ConfigError, load_config, redact
+
+if TYPE_CHECKING:
+    from workers.writer.destinations import Destination
 
 CHECK_TIMEOUT = 10.0
 
@@ -158,22 +160,23 @@ def run_check_config(args: argparse.Namespace) -> int:
 
 
 def check_destinations(config: Config, timeout: float) -> list[tuple[str, bool, str]]:
-    """(destination, ok, one line of detail) for every destination, disabled ones too."""
-    from workers.writer.process import destination_names
+    """(destination, ok, one line of detail) for every destination, disabled ones too;
+    each is tried as its record's `probe` says (workers/writer/destinations.py)."""
+    from workers.writer.destinations import DESTINATIONS
 
-    enabled = destination_names(config)
     results = []
-    for name in ("influxdb", "mqtt", "newrelic"):
-        if name not in enabled:
+    for destination in DESTINATIONS:
+        name = destination.name
+        if not destination.enabled(config):
             results.append((name, True, "disabled"))
-        elif name == "influxdb":
+        elif destination.probe == "influx-write":
             results.append((name, *check_influxdb(config, timeout)))
         elif name == "mqtt":
             from senseflow.commands.mqttcheck import check_mqtt
 
             results.append((name, *asyncio.run(check_mqtt(config, timeout))))
         else:
-            results.append((name, *asyncio.run(check_sink(config, name, timeout))))
+            results.append((name, *asyncio.run(check_sink(config, destination, timeout))))
     return results
 
 
@@ -218,28 +221,17 @@ def influx_location(config: Config) -> str:
     return f'database "{cfg.v3_config.database}"'
 
 
-async def check_sink(config: Config, name: str, timeout: float) -> tuple[bool, str]:
+async def check_sink(config: Config, destination: Destination, timeout: float) -> tuple[bool, str]:
     """Start the destination's own sink (connect, handshake), then close it."""
     from shared.counters import Counters
-    from workers.writer.process import make_sinks
+    from workers.writer.destinations import make_sink
     from workers.writer.sinks.base import DestinationUnreachable
 
-    sink = next(s for s in make_sinks(config, Counters()) if s.name == name)
+    sink = make_sink(destination, config, Counters())
     try:
         await asyncio.wait_for(sink.start(), timeout)
     except (DestinationUnreachable, TimeoutError) as exc:
         return False, redact(str(exc) or f"no answer within {timeout:g} s", config)
     await sink.close()
-    return True, sink_detail(config, name)
-
-
-def sink_detail(config: Config, name: str) -> str:
-    butler = config.butler
-    if name == "mqtt":
-        broker = butler.mqtt_config
-        return f"MQTT broker {broker.broker_host}:{broker.broker_port} accepted our CONNECT"
-    accounts = butler.user_events.send_to_new_relic.destination_account or []
-    return (
-        f"New Relic API at {butler.new_relic.event.url} answers; accounts "
-        f"{json.dumps(accounts)} (API keys are verified by the first write)"
-    )
+    describe = destination.describe
+    return True, describe(config) if describe is not None else "reachable"

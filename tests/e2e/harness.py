@@ -119,13 +119,15 @@ class Service:
         *flags: str,
         cwd: Path = REPO,
         env: dict[str, str] | None = None,
+        cli: list[str] | None = None,
     ) -> None:
         """`cwd` and `env` (default: this repository, this environment) say which code
-        runs; benchmarks/ab.py starts another tree's."""
+        runs; benchmarks/ab.py starts another tree's. `cli`: another command line than the
+        tree's CLI (benchmarks/discard.py)."""
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [*cli_of(cwd), "run", "--config", str(config), *flags],
+            [*(cli or cli_of(cwd)), "run", "--config", str(config), *flags],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=cwd,

@@ -84,7 +84,7 @@ def test_ceilings_are_measured(quick_run: tuple[Path, dict[str, Any]]) -> None:
     assert positive(results["receiver_alone"]["rate"])
     assert positive(results["receiver_alone"]["ratio_to_socket"])
     assert positive(results["receiver_alone"]["flood_ratio_to_socket"])
-    for run in results["receiver_alone"]["runs"]:  # SENSEFLOW_BENCH_DISCARD=1 workers
+    for run in results["receiver_alone"]["runs"]:  # discarding workers (benchmarks/discard.py)
         for method in ("drain", "flood"):
             counted = run[method]
             assert counted["received"] == counted["read"]

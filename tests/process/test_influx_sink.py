@@ -32,7 +32,7 @@ from shared.config import Config, config_from_document
 from shared.counters import Counters
 from shared.events import EncodedBatch
 from tests.localservers import LOOPBACK, InfluxServer, free_ports
-from workers.writer.sinks.base import DestinationUnreachable
+from workers.writer.sinks.base import Ack, Acknowledge, DestinationUnreachable, counting_acks
 from workers.writer.sinks.influx import InfluxSink
 
 T0 = 1_700_000_000_000_000_000
@@ -49,7 +49,7 @@ def make_lines(start: int, count: int, t0: int = T0) -> list[bytes]:
 
 
 def make_batch(lines: list[bytes]) -> EncodedBatch:
-    # received_ns must be non-zero: on_delivered is only called for measured batches
+    # distinct receive times, so that the acks' latency samples can be told apart
     received = [T0 + i + 1 for i in range(len(lines))]
     return EncodedBatch(
         lines=b"".join(lines),
@@ -86,15 +86,17 @@ def v1_config(port: int, db: str, rp: str = "autogen", **kwargs: Any) -> Config:
 
 
 class Deliveries:
-    """on_delivered callback: the received_ns of every delivered chunk, and an event per call."""
+    """The sink's acknowledgement callback: counts as a sink without a spool does, and keeps
+    the receive times of every delivered chunk (one call per chunk), an event per call."""
 
-    def __init__(self) -> None:
+    def __init__(self, counters: Counters) -> None:
+        self.count = counting_acks(counters, "influxdb")
         self.chunks: list[list[int]] = []
         self.event = asyncio.Event()
 
-    def __call__(self, name: str, received_ns: list[int]) -> None:
-        assert name == "influxdb"
-        self.chunks.append(list(received_ns))
+    def __call__(self, acks: list[Ack]) -> None:
+        self.count(acks)
+        self.chunks.append([ns for ack in acks for ns in ack.received_ns])
         self.event.set()
 
     async def wait(self, chunks: int) -> None:
@@ -108,11 +110,11 @@ async def write_all(
     config: Config,
     batches: list[list[bytes]],
     counters: Counters,
-    on_delivered: Callable[[str, list[int]], None] | None = None,
+    on_ack: Acknowledge | None = None,
     prepare: Callable[[InfluxSink], None] | None = None,
 ) -> None:
     """Start a sink, write the batches, flush and close it."""
-    sink = InfluxSink(config, counters, on_delivered)
+    sink = InfluxSink(config, counters, on_ack)
     if prepare is not None:
         prepare(sink)
     await sink.start()
@@ -255,7 +257,8 @@ def test_v1_lines_arrive_in_batches_cut_at_batch_size(
     influx_server: InfluxServer, influx_db: str
 ) -> None:
     lines = make_lines(0, 25)
-    counters, delivered = Counters(), Deliveries()
+    counters = Counters()
+    delivered = Deliveries(counters)
     config = v1_config(influx_server.port, influx_db, batch_size=10)
 
     asyncio.run(write_all(config, [lines[i : i + 5] for i in range(0, 25, 5)], counters, delivered))
@@ -270,7 +273,8 @@ def test_v1_lines_arrive_in_batches_cut_at_batch_size(
 def test_v1_a_partial_batch_is_sent_by_the_flush_interval(
     influx_server: InfluxServer, influx_db: str
 ) -> None:
-    counters, delivered = Counters(), Deliveries()
+    counters = Counters()
+    delivered = Deliveries(counters)
     config = v1_config(influx_server.port, influx_db, batch_size=1000, flush_interval=20)
 
     async def scenario() -> None:

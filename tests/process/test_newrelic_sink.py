@@ -29,7 +29,7 @@ from tests.e2e.harness import Service, send_paced, udp_port, write_config
 from tests.process.tls import Identity, TlsHttpServer, make_ca, make_leaf, server_context
 from workers.pipeline import EventPipeline
 from workers.writer.sinks import newrelic
-from workers.writer.sinks.base import DestinationUnreachable
+from workers.writer.sinks.base import Ack, DestinationUnreachable
 from workers.writer.sinks.newrelic import NewRelicSink, retry_after_seconds
 
 ACCOUNTS = [
@@ -253,6 +253,23 @@ def test_every_account_gets_every_event(api: EventApi, pki: dict[str, Identity])
     assert values["newrelic.written.First NR account"] == 1000
     assert values["newrelic.written.Second NR account"] == 1000
     assert "failed.newrelic" not in values
+
+
+def test_one_ack_per_batch_once_every_account_has_it_with_its_receive_times(
+    api: EventApi, pki: dict[str, Identity]
+) -> None:
+    """The sink's one callback carries what the writer counts and what it measures: each
+    batch is acknowledged once (two accounts), its receive times once (not per account)."""
+    config = make_config(api, pki["ca"])
+    encoded = batches(config, 1000)
+    acks: list[Ack] = []
+    run(deliver(NewRelicSink(config, Counters(), acks.extend), encoded))
+
+    assert sorted(ack.seq for ack in acks) == [-1] * len(encoded)
+    assert sum(ack.written for ack in acks) == 1000
+    assert not any(ack.failed for ack in acks)
+    delivered = sorted(ns for ack in acks for ns in ack.received_ns)
+    assert delivered == sorted(ns for batch in encoded for ns in batch.received_ns)
 
 
 def test_server_errors_are_retried_in_order_and_nothing_is_lost(

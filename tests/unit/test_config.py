@@ -246,6 +246,11 @@ def test_numbers_and_booleans_written_as_strings_are_accepted() -> None:
             id="out of range: workers",
         ),
         pytest.param(
+            {"senseflow": {"heartbeatTimeout": 0.5}},
+            "senseflow.heartbeatTimeout: expected 0 (off) or at least 2 seconds, found 0.5",
+            id="out of range: heartbeat timeout",
+        ),
+        pytest.param(
             butler(userEvents={"udpServerConfig": {"portUserActivityEvents": 99999}}),
             "Butler-SOS.userEvents.udpServerConfig.portUserActivityEvents: "
             "expected a port 0-65535, found 99999",

@@ -14,10 +14,12 @@ from typing import Any
 import pytest
 
 from shared.config import Config, config_from_document
+from shared.counternames import SPOOLED
 from shared.counters import SharedCounters, new_block, sum_counters
-from shared.events import RAW_ENCODER, EncodedBatch
+from shared.events import RAW_ENCODER, EncodedBatch, Fence
 from shared.ipc import Channels, Flag, MessageChannel
-from workers.writer.process import SPOOLED, Writer
+from workers.writer.process import Writer
+from workers.writer.sinks.base import Ack
 from workers.writer.spool import Spool
 
 CONTEXT = multiprocessing.get_context("spawn")
@@ -141,9 +143,7 @@ def batch(worker: int, number: int, events: int, invalid: int = 0) -> bytes:
 
 
 def fence(worker: int, number: int, datagrams: int) -> bytes:
-    return RAW_ENCODER.encode(
-        EncodedBatch(b"", [], b"", [], [], {}, worker, number, datagrams, fence=True)
-    )
+    return RAW_ENCODER.encode(Fence(worker, number, datagrams))
 
 
 @pytest.fixture
@@ -209,3 +209,41 @@ def test_first_writer_of_a_run_counts_the_previous_runs_backlog_as_recovered(
 
 def test_block_values_are_int64(block: Any) -> None:
     assert ctypes.sizeof(block) % 8 == 0
+
+
+def test_a_batch_spooled_before_batches_were_tagged_is_still_counted(
+    tmp_path: Path, block: Any
+) -> None:
+    """A spool left by a version whose batches had no tag (and a `fence` field) replays."""
+    from shared.events import _UntaggedBatch
+
+    config = writer_config(tmp_path, influx=True)
+    writer = make_writer(config, block)
+    assert writer.spool is not None
+    old = _UntaggedBatch(b"m x=1i 1\n" * 3, [], b"", [], [1, 2, 3], {"events": 3}, 0, 0, 3)
+    writer.spool.append(RAW_ENCODER.encode(old), 3)  # spooled, then the writer was killed
+    writer.spool._lock.close()
+
+    successor = make_writer(config, block)
+    assert successor.counters.get("events") == 3
+    assert successor.counters.get(SPOOLED) == 1
+
+
+def test_one_ack_call_counts_moves_the_cursor_and_measures_one_delivery(
+    tmp_path: Path, block: Any
+) -> None:
+    """The sink's one callback: the feed counts the batches written, moves the cursor and
+    records one delivery (the InfluxDB write that carried both) with every receive time."""
+    writer = make_writer(writer_config(tmp_path, influx=True), block)
+    writer.take(batch(0, 0, 2))
+    writer.take(batch(0, 1, 3))
+    writer.make_feeds()
+    (feed,) = writer.feeds
+    writer.delivery.take_report()
+    feed.acknowledged([Ack(0, 2, 0, [1, 2]), Ack(1, 3, 0, [1, 2, 3])])
+    assert writer.counters.get("written.influxdb") == 5
+    assert writer.counters.get("_cursor.influxdb") == 2
+    report = writer.delivery.take_report()["destinations"]["influxdb"]
+    assert report["batches"]["count"] == 1 and report["batches"]["sum"] == 5
+    assert report["latency"]["count"] == 5
+    assert report["pending"] == 0

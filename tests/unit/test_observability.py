@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from senseflow.backpressure import Backpressure
 from senseflow.commands.tools import appender_xml
 from senseflow.influxstats import QueueMetrics, field_text, point, quantile
 from senseflow.metrics import SenseflowCollector
@@ -169,13 +170,34 @@ def test_stats_fields_take_butler_sos_types_per_influxdb_version() -> None:
 
 
 def test_backpressure_follows_butler_sos_hysteresis() -> None:
-    supervisor = SimpleNamespace(config=Config())
-    metrics = QueueMetrics(supervisor)  # threshold 80 (messageQueue.backpressureThreshold)
-    assert not metrics.backpressure.update(79.0, 0)
-    assert metrics.backpressure.update(80.0, 0)
-    assert metrics.backpressure.update(65.0, 0)  # stays on down to 80 % of the threshold
-    assert not metrics.backpressure.update(63.9, 0)
-    assert metrics.backpressure.update(0.0, 1)  # a queue-full drop is backpressure
+    threshold = Config().butler.user_events.udp_server_config.message_queue
+    backpressure = Backpressure(threshold.backpressure_threshold)  # 80
+    assert not backpressure.update(79.0, 0)
+    assert backpressure.update(80.0, 0)
+    assert backpressure.update(65.0, 0)  # stays on down to 80 % of the threshold
+    assert not backpressure.update(63.9, 0)
+    assert backpressure.update(0.0, 1)  # a queue-full drop is backpressure
+
+
+def test_queue_metrics_report_the_supervisors_one_backpressure_tracker() -> None:
+    raw = MessageChannel(1 << 20)
+    backpressure = Backpressure(80)
+    supervisor = SimpleNamespace(
+        config=Config(),
+        totals={},
+        channels=SimpleNamespace(raw=raw),
+        telemetry=Telemetry(Config(), []),
+        backpressure=backpressure,
+    )
+    metrics = QueueMetrics(supervisor)
+    try:
+        assert metrics.fields()["backpressure_active"] == 0
+        backpressure.update(0.0, 5)  # the supervisor saw queue-full drops...
+        backpressure.update(0.0, 0)  # ...and the queue empty again before the next write
+        assert metrics.fields()["backpressure_active"] == 1  # on during that interval
+        assert metrics.fields()["backpressure_active"] == 0
+    finally:
+        raw.close()
 
 
 # -- Prometheus ----------------------------------------------------------------------------
@@ -256,8 +278,8 @@ def test_invalid_sample_shows_the_reason_and_a_truncated_datagram() -> None:
 
 
 def test_message_queue_max_size_is_the_fewest_datagrams_the_raw_queue_holds() -> None:
-    from senseflow.supervisor import MIN_CHANNEL_BYTES, RAW_BYTES_PER_DATAGRAM, raw_channel_bytes
     from shared.config import config_from_document
+    from shared.ipc import MIN_CHANNEL_BYTES, RAW_BYTES_PER_DATAGRAM, raw_channel_bytes
 
     def sized(max_size: int, **own: int) -> int:
         queue = {"udpServerConfig": {"messageQueue": {"maxSize": max_size}}}

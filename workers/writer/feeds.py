@@ -16,21 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 
 import msgspec
 
+from shared import counternames as names
+from shared.config import Config
 from shared.counters import SharedCounters
-from shared.events import ENCODED_DECODER, EncodedBatch
-from workers.writer.sinks.base import Ack, Sink
+from shared.events import EncodedBatch, decode_spooled
+from workers.writer.destinations import Destination, make_sink
+from workers.writer.sinks.base import Ack
 from workers.writer.spool import Dropped, Spool, SpoolCorrupt
 
 log = logging.getLogger("senseflow.writer")
 
 CACHE_BATCHES = 256
-SPOOL_CORRUPT = "dropped.spool_corrupt"
-"""Spool records (not events) that no longer read back: a damaged disk, a power loss."""
-SPOOL_MISMATCH = "dropped.spool_mismatch"
-"""`.<destination>`: events spooled for another destination, skipped (discardMismatch)."""
 
 
 class BatchCache:
@@ -50,12 +50,25 @@ class BatchCache:
             del self.batches[old]
 
 
+Delivered = Callable[[str, Sequence[int]], None]
+"""Told the receive times of the events a destination delivered (the latency histogram)."""
+
+
 class Feed:
+    """One destination's sink, fed from the spool; the sink acknowledges to `acknowledged`."""
+
     def __init__(
-        self, sink: Sink, spool: Spool, cache: BatchCache, counters: SharedCounters
+        self,
+        destination: Destination,
+        config: Config,
+        spool: Spool,
+        cache: BatchCache,
+        counters: SharedCounters,
+        delivered: Delivered,
     ) -> None:
-        self.sink = sink
-        self.name = sink.name
+        self.name = destination.name
+        self.sink = make_sink(destination, config, counters, self.acknowledged)
+        self.delivered = delivered
         self.spool = spool
         self.cache = cache
         self.counters = counters
@@ -65,17 +78,20 @@ class Feed:
         # Records given up while the sink had them: {seq: events}, counted at their ack;
         # their events are in the block's `_limbo.<destination>` until then.
         self.handed_then_dropped: dict[int, int] = {}
-        self.written_key = f"written.{self.name}"
-        self.failed_key = f"failed.{self.name}"
-        self.dropped_key = f"dropped.destination_full.{self.name}"
-        self.cursor_key = cursor_key(self.name)
-        self.limbo_key = limbo_key(self.name)
-        sink.on_ack = self.acknowledged
+        self.written_key = names.written(self.name)
+        self.failed_key = names.failed(self.name)
+        self.dropped_key = names.destination_full(self.name)
+        self.cursor_key = names.cursor(self.name)
+        self.limbo_key = names.limbo(self.name)
 
     def acknowledged(self, acks: list[Ack]) -> None:
+        """The sink's one acknowledgement callback: count, move the cursor, and measure
+        the delivery latency of what it delivered (one sample set per call: per InfluxDB
+        write, MQTT batch, New Relic request, as the batch-size histogram shows them)."""
+        self.measure(acks)
         written = failed = limbo = 0
         cursor = None
-        for seq, done, rejected in acks:
+        for seq, done, rejected, _ in acks:
             passed = self.spool.ack(self.name, seq, done, rejected)
             if passed is not None:
                 written, failed = written + passed.written, failed + passed.failed
@@ -88,6 +104,15 @@ class Feed:
             sets = {} if cursor is None else {self.cursor_key: cursor}
             self.counters.commit(adds, sets)
             self.spool.persist()
+
+    def measure(self, acks: list[Ack]) -> None:
+        if len(acks) == 1:
+            if acks[0].received_ns:
+                self.delivered(self.name, acks[0].received_ns)
+            return
+        received_ns = [ns for ack in acks for ns in ack.received_ns]
+        if received_ns:
+            self.delivered(self.name, received_ns)
 
     @property
     def backlog(self) -> int:
@@ -111,7 +136,7 @@ class Feed:
             batch = self.cache.batches.get(seq) or read_batch(self.spool, seq, self.counters)
             self.next = seq + 1
             if batch is None:  # damaged on disk: counted, passed over
-                self.acknowledged([(seq, 0, 0)])
+                self.acknowledged([Ack(seq, 0, 0)])
                 continue
             await self.sink.write_batch(batch, seq)
 
@@ -149,23 +174,13 @@ class Feed:
         return lost
 
 
-def cursor_key(destination: str) -> str:
-    """Where the writer's counter block keeps a destination's spool cursor."""
-    return f"_cursor.{destination}"
-
-
-def limbo_key(destination: str) -> str:
-    """Events given up by the spool while the sink held them, not yet acknowledged."""
-    return f"_limbo.{destination}"
-
-
 def read_batch(spool: Spool, seq: int, counters: SharedCounters) -> EncodedBatch | None:
     """A record from disk; None when it no longer reads back, counted `dropped.spool_corrupt`
     (in records) once, whoever finds it, and never handed to anyone."""
     try:
-        return ENCODED_DECODER.decode(spool.read(seq))
+        return decode_spooled(spool.read(seq))
     except (SpoolCorrupt, msgspec.DecodeError) as exc:
         log.error("spool: record %d is unreadable (%s); skipped", seq, exc)
     spool.forget(seq)
-    counters.commit({SPOOL_CORRUPT: 1})
+    counters.commit({names.DROPPED_SPOOL_CORRUPT: 1})
     return None

@@ -10,7 +10,7 @@ Counting is exact across a SIGKILL of the writer or of a worker. The writer peek
 batch, spools it, counts its events / invalid / excluded and records the worker's send
 number in one commit of its shared counter block, and only then takes the batch off the
 channel: a successor peeks the same batch again and knows from the send numbers whether
-it was spooled and counted. A fence batch from the supervisor says what a dead worker
+it was spooled and counted. A `Fence` from the supervisor says what a dead worker
 held; what never arrived is counted `dropped.worker_crash`.
 """
 
@@ -20,31 +20,25 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import uvloop
 
+from shared import counternames as names
 from shared import exitcodes
 from shared.backoff import Backoff
 from shared.config import Config
-from shared.counters import Counting, SharedCounters
+from shared.counternames import SPOOLED
+from shared.counters import SharedCounters, beat
 from shared.delivery import make_tracker
-from shared.events import ENCODED_DECODER, EncodedBatch
+from shared.events import ENCODED_DECODER, EncodedBatch, Fence
 from shared.ipc import REPORT_INTERVAL, STOP, Channels, report, start_parent_watch
 from shared.logs import RateLimitedLog, setup_logging
 from shared.tasks import cancel_all, spawn
-from workers.writer.feeds import (
-    SPOOL_CORRUPT,
-    SPOOL_MISMATCH,
-    BatchCache,
-    Feed,
-    cursor_key,
-    limbo_key,
-    read_batch,
-)
-from workers.writer.sinks.base import DestinationUnreachable, Sink
+from workers.writer.destinations import enabled_destinations
+from workers.writer.feeds import BatchCache, Feed, read_batch
+from workers.writer.sinks.base import DestinationUnreachable
 from workers.writer.spool import Spool, SpoolWriteError
 from workers.writer.spooldir import destination_identities, spool_directory
 
@@ -52,20 +46,6 @@ log = logging.getLogger("senseflow.writer")
 
 NAME = "writer"
 DRAIN_TIMEOUT = 60.0
-SPOOLED = "_spooled"
-SPOOL_WRITE_ERRORS = "spool.write_errors"
-"""Appends to the spool that failed (disk full...) and were retried."""
-"""The first spool sequence number whose record this run has not counted yet."""
-
-
-def seen_key(worker: int) -> str:
-    """One past the last send number taken from this worker slot."""
-    return f"_seen.{worker}"
-
-
-def seen_datagrams_key(worker: int) -> str:
-    """Datagrams in that last send."""
-    return f"_seen_datagrams.{worker}"
 
 
 def run(config: Config, channels: Channels, parent_pid: int, block: object) -> int:
@@ -75,42 +55,14 @@ def run(config: Config, channels: Channels, parent_pid: int, block: object) -> i
     return uvloop.run(writer.serve())
 
 
-def destination_names(config: Config) -> list[str]:
-    butler = config.butler
-    names = []
-    if butler.influxdb_config.enable and butler.user_events.send_to_influxdb.enable:
-        names.append("influxdb")
-    if butler.mqtt_config.enable and butler.user_events.send_to_mqtt.enable:
-        names.append("mqtt")
-    if butler.new_relic.enable and butler.user_events.send_to_new_relic.enable:
-        names.append("newrelic")
-    return names
-
-
-def make_sinks(
-    config: Config,
-    counters: Counting,
-    on_delivered: Callable[[str, list[int]], None] | None = None,
-) -> list[Sink]:
-    from workers.writer.sinks.influx import InfluxSink
-    from workers.writer.sinks.mqtt import MqttSink
-    from workers.writer.sinks.newrelic import NewRelicSink
-
-    factories: dict[str, type[InfluxSink] | type[MqttSink] | type[NewRelicSink]] = {
-        "influxdb": InfluxSink,
-        "mqtt": MqttSink,
-        "newrelic": NewRelicSink,
-    }
-    return [factories[name](config, counters, on_delivered) for name in destination_names(config)]
-
-
 class Writer:
     def __init__(self, config: Config, channels: Channels, counters: SharedCounters) -> None:
         self.config = config
         self.channels = channels
         self.counters = counters
-        self.delivery = make_tracker(config, destination_names(config), self.counters)
-        self.sinks = make_sinks(config, self.counters, self.delivery.delivered)
+        self.destinations = enabled_destinations(config)
+        self.destination_names = [destination.name for destination in self.destinations]
+        self.delivery = make_tracker(config, self.destination_names, self.counters)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="writer-input")
         self.orphan = False
         self.cache = BatchCache()
@@ -137,6 +89,7 @@ class Writer:
         if not self.open_spool():
             return exitcodes.BOOT_FAILURE
         self.count_spool_at_start()
+        self.make_feeds()
         if not await self.start_sinks():
             return exitcodes.DESTINATION_UNREACHABLE
         self.start_feeds()
@@ -157,13 +110,12 @@ class Writer:
 
     def open_spool(self) -> bool:
         options = self.config.pipeline.spool
-        names = [sink.name for sink in self.sinks]
-        identities = destination_identities(self.config, names)
+        identities = destination_identities(self.config, self.destination_names)
         directory = spool_directory(self.config, identities)
         try:
             self.spool = Spool(
                 directory,
-                names,
+                self.destination_names,
                 options.max_bytes,
                 options.segment_bytes,
                 options.fsync,
@@ -180,7 +132,7 @@ class Writer:
 
     def known_cursors(self) -> dict[str, int]:
         """The cursors a predecessor in this run reached (more recent than the file's)."""
-        keys = {sink.name: cursor_key(sink.name) for sink in self.sinks}
+        keys = {name: names.cursor(name) for name in self.destination_names}
         counters = self.counters
         return {name: counters.get(key) for name, key in keys.items() if counters.has(key)}
 
@@ -191,13 +143,13 @@ class Writer:
         spool = self.spool
         if not self.counters.has(SPOOLED):
             recovered = {
-                f"recovered.{name}": sum(spool.events_in(seq) for seq in spool.pending(name))
+                names.recovered(name): sum(spool.events_in(seq) for seq in spool.pending(name))
                 for name in spool.destinations
             }
-            damage = {SPOOL_CORRUPT: spool.corrupt_records} | {
-                f"{SPOOL_MISMATCH}.{name}": events for name, events in spool.discarded.items()
+            damage = {names.DROPPED_SPOOL_CORRUPT: spool.corrupt_records} | {
+                names.spool_mismatch(name): events for name, events in spool.discarded.items()
             }
-            cursors = {cursor_key(name): spool.cursors[name] for name in spool.destinations}
+            cursors = {names.cursor(name): spool.cursors[name] for name in spool.destinations}
             self.counters.commit(recovered | damage, {SPOOLED: spool.next_seq, **cursors})
             return
         for seq in range(self.counters.get(SPOOLED), spool.next_seq):
@@ -205,14 +157,18 @@ class Writer:
                 self.counters.commit(batch.counters, {SPOOLED: seq + 1, **self.seen(batch)})
                 log.info("counted batch %d, spooled by the writer before a restart", seq)
         for name in spool.destinations:  # given up while the dead writer's sink held them
-            if limbo := self.counters.get(limbo_key(name)):
-                self.counters.commit(
-                    {f"dropped.destination_full.{name}": limbo}, {limbo_key(name): 0}
-                )
+            if limbo := self.counters.get(names.limbo(name)):
+                self.counters.commit({names.destination_full(name): limbo}, {names.limbo(name): 0})
+
+    def make_feeds(self) -> None:
+        """A feed per destination, each with its sink, which acknowledges to the feed."""
+        assert self.spool is not None
+        self.feeds = [
+            Feed(d, self.config, self.spool, self.cache, self.counters, self.delivery.delivered)
+            for d in self.destinations
+        ]
 
     def start_feeds(self) -> None:
-        assert self.spool is not None
-        self.feeds = [Feed(sink, self.spool, self.cache, self.counters) for sink in self.sinks]
         for feed in self.feeds:
             if feed.backlog:
                 log.info("%s: replaying %d batch(es) from the spool", feed.name, feed.backlog)
@@ -230,7 +186,7 @@ class Writer:
     async def start_sinks(self) -> bool:
         """Reach every destination; with onUnreachable=wait, keep trying until it works."""
         wait = self.config.pipeline.on_unreachable == "wait"
-        for sink in self.sinks:
+        for sink in (feed.sink for feed in self.feeds):
             while True:
                 try:
                     await asyncio.wait_for(sink.start(), self.config.pipeline.startup_timeout)
@@ -266,7 +222,7 @@ class Writer:
     async def wait_for_disk(self, error: SpoolWriteError) -> None:
         """The spool could not append (disk full...): count, say so, retry later; the
         channel holds the batch meanwhile and, once full, readers count what they drop."""
-        self.counters.commit({SPOOL_WRITE_ERRORS: 1})
+        self.counters.commit({names.SPOOL_WRITE_ERRORS: 1})
         first = self.disk_backoff.attempt == 0
         delay = self.disk_backoff.next_delay()
         message = "cannot append to the spool: %s; retrying in %.1f s"
@@ -275,10 +231,10 @@ class Writer:
 
     def take(self, item: bytes) -> None:
         batch = ENCODED_DECODER.decode(item)
-        if batch.fence:
+        if isinstance(batch, Fence):
             self.settle_fence(batch)
             return
-        if batch.worker >= 0 and self.counters.get(seen_key(batch.worker)) > batch.number:
+        if batch.worker >= 0 and self.counters.get(names.seen(batch.worker)) > batch.number:
             return  # spooled and counted before a restart of this writer
         sets = self.seen(batch)
         if batch.received_ns:
@@ -293,23 +249,24 @@ class Writer:
         if batch.worker < 0:
             return {}
         return {
-            seen_key(batch.worker): batch.number + 1,
-            seen_datagrams_key(batch.worker): batch.datagrams,
+            names.seen(batch.worker): batch.number + 1,
+            names.seen_datagrams(batch.worker): batch.datagrams,
         }
 
-    def settle_fence(self, fence: EncodedBatch) -> None:
+    def settle_fence(self, fence: Fence) -> None:
         """Worker `fence.worker` died holding `fence.datagrams` datagrams from its send
         `fence.number` on: whatever of them did not reach us is lost."""
         worker, number = fence.worker, fence.number
         lost = fence.datagrams
-        seen = self.counters.get(seen_key(worker))
+        seen = self.counters.get(names.seen(worker))
         if seen == number + 1:  # its send `number` did arrive
-            lost -= self.counters.get(seen_datagrams_key(worker))
+            lost -= self.counters.get(names.seen_datagrams(worker))
         lost = max(lost, 0)
-        self.counters.commit(
-            {"dropped.worker_crash": lost},
-            {seen_key(worker): max(seen, number + 1), seen_datagrams_key(worker): fence.datagrams},
-        )
+        sets = {
+            names.seen(worker): max(seen, number + 1),
+            names.seen_datagrams(worker): fence.datagrams,
+        }
+        self.counters.commit({names.DROPPED_WORKER_CRASH: lost}, sets)
         if lost:
             log.error("worker-%d died holding %d datagram(s); counted as lost", worker, lost)
 
@@ -360,9 +317,9 @@ class Writer:
                     feed.pending_batches,
                 )
         await cancel_all(self.feed_tasks)
-        for sink in self.sinks:
+        for feed in self.feeds:
             with contextlib.suppress(TimeoutError):  # undelivered: kept in the spool
-                await asyncio.wait_for(sink.close(), 1.0)
+                await asyncio.wait_for(feed.sink.close(), 1.0)
         for feed in self.feeds:
             feed.give_up_handed()  # no longer in the spool, and now not delivered either
         if self.spool is not None:
@@ -380,8 +337,10 @@ class Writer:
             await asyncio.sleep(0.01)
 
     async def report_loop(self) -> None:
+        beat(self.counters)
         while True:
             await asyncio.sleep(REPORT_INTERVAL)
+            beat(self.counters)
             self.report_counters()
 
     def report_counters(self) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
+from shared import counternames as names
 from shared.counters import Counting
 from shared.events import EncodedBatch
 
@@ -15,41 +16,60 @@ class DestinationUnreachable(Exception):
     """A destination could not be reached at start."""
 
 
-Ack = tuple[int, int, int]
-"""(spool sequence number, events written, events failed) of a batch delivered completely."""
+class Ack(NamedTuple):
+    """A batch a destination has finished with: every event delivered or rejected."""
+
+    seq: int
+    """Its spool sequence number (-1 without a spool)."""
+    written: int
+    failed: int
+    received_ns: Sequence[int] = ()
+    """The receive times of the events delivered, for the latency histogram; empty when
+    not measured (a batch delivered in parts, or partly rejected)."""
+
 
 Acknowledge = Callable[[list[Ack]], None]
-"""Told the batches a destination has finished with; the writer's feed counts them."""
+"""Told the batches a destination has finished with, in any order: the writer's feed
+counts them (written, failed, spool cursor) and measures their delivery latency."""
 
 
 def counting_acks(counters: Counting, name: str) -> Acknowledge:
     """The acknowledgement callback of a sink used without a spool: count right away."""
 
     def acknowledge(acks: list[Ack]) -> None:
-        written = sum(ack[1] for ack in acks)
-        failed = sum(ack[2] for ack in acks)
+        written = sum(ack.written for ack in acks)
+        failed = sum(ack.failed for ack in acks)
         if written:
-            counters.add(f"written.{name}", written)
+            counters.add(names.written(name), written)
         if failed:
-            counters.add(f"failed.{name}", failed)
+            counters.add(names.failed(name), failed)
 
     return acknowledge
 
 
-def share_failures(seqs: list[int], events: list[int], failed: int) -> list[Ack]:
+def share_failures(
+    seqs: list[int], events: list[int], failed: int, received_ns: Sequence[int] = ()
+) -> list[Ack]:
     """Acks for batches delivered together, `failed` of their events rejected: failures
-    are attributed to the first batches, so that each batch's written + failed is exact."""
+    are attributed to the first batches, so that each batch's written + failed is exact.
+    `received_ns` (all batches' receive times, in order) is shared out when none failed
+    (a partly rejected delivery was split: its latency is not measured)."""
+    measured = received_ns if not failed else ()
     acks = []
+    start = 0
     for seq, count in zip(seqs, events, strict=True):
         rejected = min(failed, count)
         failed -= rejected
-        acks.append((seq, count - rejected, rejected))
+        times = measured[start : start + count] if measured else ()
+        start += count
+        acks.append(Ack(seq, count - rejected, rejected, times))
     return acks
 
 
 class Sink(Protocol):
+    """Built as `Sink(config, counters, on_ack)`; `on_ack` None counts acks right away."""
+
     name: str
-    on_ack: Acknowledge
 
     async def start(self) -> None:
         """Connect and check the destination; raise DestinationUnreachable if it cannot."""
@@ -57,8 +77,8 @@ class Sink(Protocol):
     async def write_batch(self, batch: EncodedBatch, seq: int = -1) -> None:
         """Take a batch; waits (backpressure) only while the sink's own bound is reached.
 
-        Once every event of the batch is delivered or rejected, `on_ack([(seq, written,
-        failed)])` is called; acknowledgements come in any order. The sink counts its
+        Once every event of the batch is delivered or rejected, `on_ack([Ack(seq, written,
+        failed, received_ns)])` is called; acknowledgements come in any order. The sink counts its
         retries; written and failed events are counted by whoever receives the acks."""
 
     async def flush(self) -> None:

@@ -14,12 +14,12 @@ import base64
 import json
 import logging
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
+from shared import counternames as names
 from shared import influxql
 from shared.backoff import Backoff
 from shared.config import Config, InfluxdbConfig, InfluxTls
@@ -28,6 +28,7 @@ from shared.events import EncodedBatch
 from shared.tasks import cancel_all, spawn
 from shared.tls import client_context, scheme
 from workers.writer.sinks.base import (
+    Ack,
     Acknowledge,
     ChunkQueue,
     DestinationUnreachable,
@@ -257,7 +258,7 @@ class InfluxSink:
         self,
         config: Config,
         counters: Counting,
-        on_delivered: Callable[[str, list[int]], None] | None = None,
+        on_ack: Acknowledge | None = None,
     ) -> None:
         cfg = config.butler.influxdb_config
         pipe = config.pipeline
@@ -268,8 +269,7 @@ class InfluxSink:
             else ClientTransport(cfg, timeout, pipe.influx_tls)
         )
         self.counters = counters
-        self.on_delivered = on_delivered
-        self.on_ack: Acknowledge = counting_acks(counters, NAME)
+        self.on_ack: Acknowledge = on_ack or counting_acks(counters, NAME)
         self.batch_size = pipe.batch_size
         self.flush_interval = pipe.flush_interval / 1000
         self.max_pending = max(pipe.pending_events, self.batch_size * 2)
@@ -287,7 +287,7 @@ class InfluxSink:
 
     async def write_batch(self, batch: EncodedBatch, seq: int = -1) -> None:
         if not batch.received_ns:
-            self.on_ack([(seq, 0, 0)])
+            self.on_ack([Ack(seq, 0, 0)])
             return
         chunks = self.chunks
         while chunks.pending >= self.max_pending:
@@ -310,12 +310,13 @@ class InfluxSink:
     async def _send_loop(self) -> None:
         while True:
             chunk = await self.chunks.next()
-            failed = await self._deliver(chunk.lines, chunk.received_ns)
+            failed = await self._deliver(chunk.lines)
             self.chunks.done()
             self.room.set()
-            self.on_ack(share_failures(chunk.seqs, chunk.seq_events, failed))
+            acks = share_failures(chunk.seqs, chunk.seq_events, failed, chunk.received_ns)
+            self.on_ack(acks)
 
-    async def _deliver(self, lines: list[bytes], received_ns: list[int]) -> int:
+    async def _deliver(self, lines: list[bytes]) -> int:
         """Write until acknowledged; a rejected batch is split to isolate its bad lines.
         Returns how many lines InfluxDB rejected."""
         body = b"".join(lines)
@@ -324,14 +325,13 @@ class InfluxSink:
                 await self.transport.send(body)
             except WriteFailed as exc:
                 delay = self.backoff.next_delay()
-                self.counters.add("retries.influxdb")
+                self.counters.add(names.retries(NAME))
                 log.warning("InfluxDB write failed (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
                 continue
             except WriteRejected as exc:
                 return await self._isolate(body, exc)
             self.backoff.reset()
-            self._delivered(received_ns)
             return 0
 
     async def _isolate(self, body: bytes, rejection: WriteRejected) -> int:
@@ -342,13 +342,8 @@ class InfluxSink:
         middle = len(lines) // 2
         failed = 0
         for half in (lines[:middle], lines[middle:]):
-            # Timestamps are not needed to split; latency is not measured for split batches.
-            failed += await self._deliver(half, [0] * len(half))
+            failed += await self._deliver(half)
         return failed
-
-    def _delivered(self, received_ns: list[int]) -> None:
-        if self.on_delivered is not None and received_ns and received_ns[0]:
-            self.on_delivered(NAME, received_ns)
 
     async def flush(self) -> None:
         await self.chunks.flush()

@@ -29,16 +29,16 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
+from shared import counternames as names
 from shared.backoff import Backoff
 from shared.config import Config
 from shared.counters import Counting
 from shared.events import ACTIONS, EncodedBatch
 from shared.tasks import cancel_all, spawn
 from workers.writer.sinks import mqtt_protocol as proto
-from workers.writer.sinks.base import Acknowledge, DestinationUnreachable, counting_acks
+from workers.writer.sinks.base import Ack, Acknowledge, DestinationUnreachable, counting_acks
 
 log = logging.getLogger("senseflow.mqtt")
 
@@ -101,13 +101,12 @@ class MqttSink:
         self,
         config: Config,
         counters: Counting,
-        on_delivered: Callable[[str, list[int]], None] | None = None,
+        on_ack: Acknowledge | None = None,
     ) -> None:
         self.broker = config.butler.mqtt_config
         self.options = config.pipeline.mqtt
         self.counters = counters
-        self.on_delivered = on_delivered
-        self.on_ack: Acknowledge = counting_acks(counters, NAME)
+        self.on_ack: Acknowledge = on_ack or counting_acks(counters, NAME)
         self.everything, self.per_action = topic_headers(config)
         self.qos = self.options.qos
         self.window = min(self.options.max_inflight, MAX_PACKET_ID - 1)
@@ -286,7 +285,7 @@ class MqttSink:
             try:
                 session = await self.connect(clean_session=not self.keeps_session)
             except DestinationUnreachable as exc:
-                self.counters.add("retries.mqtt")
+                self.counters.add(names.retries(NAME))
                 log.warning("MQTT reconnect failed (%s); retrying", exc)
                 continue
             if session:
@@ -326,7 +325,7 @@ class MqttSink:
         resend = list(self.inflight.values())
         self.inflight.clear()
         self.backlog.extendleft(reversed(resend))
-        self.counters.add("mqtt.republished", len(resend))
+        self.counters.add(names.MQTT_REPUBLISHED, len(resend))
         log.info(
             "MQTT reconnected to %s; resending %d unacknowledged message(s)",
             self.address,
@@ -341,9 +340,7 @@ class MqttSink:
         if not messages:
             # Every topic of these events is disabled: done, and counted as the events of a
             # batch with something to publish are (else written.mqtt depends on batching).
-            if batch.mqtt_payloads and self.on_delivered is not None:
-                self.on_delivered(NAME, batch.received_ns)
-            self.on_ack([(seq, len(batch.mqtt_payloads), 0)])
+            self.on_ack([Ack(seq, len(batch.mqtt_payloads), 0, batch.received_ns)])
             return
         while self.outstanding >= self.max_pending:
             self.room.clear()
@@ -410,9 +407,7 @@ class MqttSink:
         self.outstanding -= 1
         if state.remaining == 0:
             del self.batches[message.batch]
-            if self.on_delivered is not None:
-                self.on_delivered(NAME, state.received_ns)
-            self.on_ack([(state.seq, state.events, 0)])
+            self.on_ack([Ack(state.seq, state.events, 0, state.received_ns)])
         self.room.set()
         if not self.outstanding:
             self.idle.set()

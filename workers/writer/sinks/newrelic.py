@@ -35,13 +35,20 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from shared import counternames as names
 from shared.backoff import Backoff
 from shared.config import Config, redact
 from shared.counters import Counting
 from shared.events import EncodedBatch
 from shared.logs import RateLimitedLog
 from shared.tasks import cancel_all, spawn
-from workers.writer.sinks.base import Acknowledge, ChunkQueue, DestinationUnreachable, counting_acks
+from workers.writer.sinks.base import (
+    Ack,
+    Acknowledge,
+    ChunkQueue,
+    DestinationUnreachable,
+    counting_acks,
+)
 
 log = logging.getLogger("senseflow.newrelic")
 
@@ -82,6 +89,7 @@ class Awaiting:
     seq: int
     accounts: int
     events: int
+    received_ns: list[int]
     failed: int = 0
 
 
@@ -181,13 +189,12 @@ class NewRelicSink:
         self,
         config: Config,
         counters: Counting,
-        on_delivered: Callable[[str, list[int]], None] | None = None,
+        on_ack: Acknowledge | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.config = config
         self.counters = counters
-        self.on_delivered = on_delivered
-        self.on_ack: Acknowledge = counting_acks(counters, NAME)
+        self.on_ack: Acknowledge = on_ack or counting_acks(counters, NAME)
         self.awaiting: dict[int, Awaiting] = {}  # batches some account has not finished
         self.next_key = 0
         self.sleep = sleep
@@ -234,14 +241,14 @@ class NewRelicSink:
     async def write_batch(self, batch: EncodedBatch, seq: int = -1) -> None:
         events = batch.newrelic
         if not events or not self.accounts:
-            self.on_ack([(seq, 0, 0)])
+            self.on_ack([Ack(seq, 0, 0)])
             return
         while any(a.chunks.pending >= self.max_pending for a in self.accounts):
             self.room.clear()
             await self.room.wait()
         key = self.next_key
         self.next_key += 1
-        self.awaiting[key] = Awaiting(seq, len(self.accounts), len(events))
+        self.awaiting[key] = Awaiting(seq, len(self.accounts), len(events), batch.received_ns)
         for account in self.accounts:
             account.add(events, batch.received_ns, key)
 
@@ -258,7 +265,9 @@ class NewRelicSink:
             state.accounts -= 1
             if not state.accounts:
                 del self.awaiting[key]
-                complete.append((state.seq, state.events - state.failed, state.failed))
+                measured = state.received_ns if not state.failed else ()
+                written = state.events - state.failed
+                complete.append(Ack(state.seq, written, state.failed, measured))
         if complete:
             self.on_ack(complete)
 
@@ -323,7 +332,7 @@ class NewRelicSink:
 
     async def _wait_to_retry(self, account: Account, answer: Answer) -> None:
         delay = account.backoff.next_delay() if answer.retry_after is None else answer.retry_after
-        self.counters.add("retries.newrelic")
+        self.counters.add(names.retries(NAME))
         reason = f"HTTP {answer.status}" if answer.status else "no answer"
         self.retry_log.warning(
             "New Relic account %r: %s (%s); retrying in %.2fs",
@@ -340,18 +349,16 @@ class NewRelicSink:
         if len(events) == 1:
             self._failed(account, events, f"a single event is too large ({why})")
             return 1
-        self.counters.add("newrelic.splits")
+        self.counters.add(names.NEWRELIC_SPLITS)
         middle = len(events) // 2
         failed = await self._deliver(account, events[:middle], received_ns[:middle])
         return failed + await self._deliver(account, events[middle:], received_ns[middle:])
 
     def _written(self, account: Account, received_ns: list[int]) -> None:
-        self.counters.add(f"newrelic.written.{account.name}", len(received_ns))
-        if self.on_delivered is not None and received_ns:
-            self.on_delivered(NAME, received_ns)
+        self.counters.add(names.newrelic_written(account.name), len(received_ns))
 
     def _failed(self, account: Account, events: list[bytes], reason: str) -> None:
-        self.counters.add(f"newrelic.failed.{account.name}", len(events))
+        self.counters.add(names.newrelic_failed(account.name), len(events))
         self.rejected_log.warning(
             "New Relic account %r rejected %d event(s): %s; first event: %.300s",
             account.name,
