@@ -251,6 +251,38 @@ class MqttOptions(Own, frozen=True):
     max_pending: int = 50_000
 
 
+class NatsTls(Own, frozen=True):
+    """TLS to the NATS servers (`tls://` URLs, or any URL once `caFile` is set)."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+
+class NatsOptions(Own, frozen=True):
+    """The NATS JetStream destination (workers/writer/sinks/nats.py)."""
+
+    enable: bool = False
+    servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    stream: str = "QLIKSENSE_USER_EVENTS"
+    replicas: int = 1
+    """Replicas of the stream when senseflow creates it (an existing stream is kept)."""
+    duplicate_window: float = 120.0
+    """Seconds JetStream remembers a `Nats-Msg-Id` (when senseflow creates the stream)."""
+    subject_prefix: str = "qliksense.userevent"
+    msg_id_prefix: str = ""
+    """First part of every `Nats-Msg-Id` ('' : this machine's host name)."""
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    creds_file: str = ""
+    tls: NatsTls = NatsTls()
+    max_pending: int = 10_000
+    """Publishes awaiting JetStream's acknowledgement at most (the writer waits then)."""
+    ack_timeout: float = 5.0
+    """Seconds without any acknowledgement before the unacknowledged are published again."""
+
+
 class InfluxTls(Own, frozen=True):
     """HTTPS to InfluxDB (1.x, 2.x, 3.x); the server's certificate is verified unless
     `insecure`."""
@@ -331,6 +363,7 @@ class Pipeline(Own, frozen=True):
     new_relic_allow_http: bool = False
     influx_tls: InfluxTls = InfluxTls()
     qrs_server_name: str = ""
+    nats: NatsOptions = NatsOptions()
     """The name the QRS server's certificate must show ('' : `appNames.hostIP` itself)."""
     """Send to an `http://` New Relic event URL (API keys in clear): only for a local proxy."""
 
@@ -441,6 +474,7 @@ def check_semantics(config: Config) -> list[str]:
     problems.extend(_check_heartbeat(pipe))
     problems.extend(_check_app_names(config.butler))
     problems.extend(_check_mqtt(config))
+    problems.extend(_check_nats(config.pipeline.nats))
     return problems
 
 
@@ -614,6 +648,47 @@ def _check_mqtt(config: Config) -> list[str]:
     return problems
 
 
+_NATS_TOKEN = re.compile(r"[^.\s*>]+")
+_NATS_SCHEMES = ("nats://", "tls://")
+
+
+def _check_nats(nats: NatsOptions) -> list[str]:
+    """Numbers in range, server URLs, a subject prefix and stream name JetStream accepts."""
+    path = f"{OWN_SECTION}.nats"
+    problems = [
+        f"{path}.{key}: expected {expected}, found {value:g}"
+        for key, value, expected, ok in (
+            ("maxPending", nats.max_pending, "an integer >= 1", nats.max_pending >= 1),
+            ("replicas", nats.replicas, "an integer 1-5", 1 <= nats.replicas <= 5),
+            ("ackTimeout", nats.ack_timeout, "a number > 0", nats.ack_timeout > 0),
+            ("duplicateWindow", nats.duplicate_window, "a number > 0", nats.duplicate_window > 0),
+        )
+        if not ok
+    ]
+    if not nats.enable:
+        return problems
+    if not nats.servers:
+        problems.append(f"{path}.servers: expected at least one nats://host:port, found none")
+    problems.extend(
+        f"{path}.servers[{i}]: expected nats://host:port or tls://host:port, found {url!r}"
+        for i, url in enumerate(nats.servers)
+        if not url.startswith(_NATS_SCHEMES)
+    )
+    if not all(_NATS_TOKEN.fullmatch(t) for t in nats.subject_prefix.split(".")):
+        problems.append(
+            f"{path}.subjectPrefix: expected dot-separated tokens without spaces, * or >, "
+            f"found {nats.subject_prefix!r}"
+        )
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", nats.stream):
+        problems.append(
+            f"{path}.stream: expected a stream name of letters, digits, _ and -, "
+            f"found {nats.stream!r}"
+        )
+    if nats.token and (nats.user or nats.creds_file):
+        problems.append(f"{path}.token: expected one of user/password, token or credsFile")
+    return problems
+
+
 def _topic_problem(topic: str) -> str | None:
     """What is wrong with an MQTT topic name to publish to, or None."""
     if not topic:
@@ -784,6 +859,8 @@ def secrets(config: Config) -> list[str]:
         config.pipeline.http.token,
         config.pipeline.http.password,
         config.pipeline.mqtt.tls.key_password,
+        config.pipeline.nats.password,
+        config.pipeline.nats.token,
     ]
     found.extend(a.insert_api_key for a in b.third_party_tools_credentials.new_relic or [])
     found.extend(h.value for h in b.new_relic.event.header or [])  # may carry credentials

@@ -110,6 +110,10 @@ def spool_mismatch(destination: str) -> str:
 
 MQTT_REPUBLISHED = "mqtt.republished"
 NEWRELIC_SPLITS = "newrelic.splits"
+NATS_DUPLICATES = "nats.duplicates"
+"""Publishes JetStream acknowledged as duplicates (`Nats-Msg-Id` seen in its window)."""
+NATS_REPUBLISHED = "nats.republished"
+"""Publishes sent again: unacknowledged after a reconnect, an error or `ackTimeout`."""
 
 
 def newrelic_written(account: str) -> str:
@@ -174,6 +178,8 @@ DOCUMENTED: tuple[str, ...] = (
     newrelic_written(ACCOUNT),
     newrelic_failed(ACCOUNT),
     NEWRELIC_SPLITS,
+    NATS_DUPLICATES,
+    NATS_REPUBLISHED,
     SOCKET_ERRORS,
 )
 """Every visible counter, as the counter table of docs/OPERATIONS.md names it."""

@@ -55,7 +55,8 @@ class EncodedBatch(msgspec.Struct, array_like=True, gc=False, tag=1):
     workers/writer/destinations.py names (a field each, not a dict: the hot path builds
     one of these per batch). `lines` is newline-terminated InfluxDB line protocol, one
     line per event. `mqtt_payloads[i]` belongs to the event whose action index is
-    `actions[i]`. `newrelic` holds one JSON object per event (empty when New Relic is off).
+    `actions[i]` (filled for MQTT and for NATS, which publishes the same JSON).
+    `newrelic` holds one JSON object per event (empty when New Relic is off).
     `received_ns` is the receive time per event, for latency measurement.
     `worker` and `number` say which worker sent it and its place in that worker's sends
     (consecutive, carried on across restarts of the worker); `datagrams` is how many

@@ -424,8 +424,10 @@ bind-address = {rpc}
 class NatsServer(_ServerProcess):
     """nats-server with JetStream on (its MQTT listener needs it) and an MQTT listener.
 
-    `port` is the MQTT port (what an MQTT client connects to), `nats_port` NATS's own.
-    JetStream keeps its store (MQTT sessions, QoS 1 messages) under the work directory.
+    `port` is the MQTT port (what an MQTT client connects to), `nats_port` NATS's own
+    (`url`). JetStream keeps its store (MQTT sessions, QoS 1 messages, streams) under the
+    work directory. With `routes` (the cluster ports of every member, see `NatsCluster`)
+    it joins a cluster; ready means its monitoring `/healthz` says JetStream is current.
     """
 
     name = "nats-server"
@@ -436,27 +438,98 @@ class NatsServer(_ServerProcess):
         *,
         binary: str = "nats-server",
         startup_timeout: float = 15.0,
+        server_name: str = "senseflow_test",
+        cluster_port: int = 0,
+        routes: list[int] | None = None,
     ) -> None:
         super().__init__(workdir, startup_timeout)
         self.binary = binary
         self.host = LOOPBACK
-        self.port, self.nats_port = free_ports(2)
+        self.port, self.nats_port, self.monitor_port = free_ports(3)
+        self.server_name = server_name
+        self.cluster_port = cluster_port
+        self.routes = routes or []
+
+    @property
+    def url(self) -> str:
+        return f"nats://{LOOPBACK}:{self.nats_port}"
 
     def _command(self) -> list[str]:
         return [self.binary, "-c", str(self.config_path)]
 
     def _config_text(self) -> str:
         store = json.dumps(str(self.workdir / "jetstream"))
-        return (
+        text = (
             f"listen: {json.dumps(f'{LOOPBACK}:{self.nats_port}')}\n"
-            "server_name: senseflow_test\n"
+            f"http: {json.dumps(f'{LOOPBACK}:{self.monitor_port}')}\n"
+            f"server_name: {self.server_name}\n"
             f"jetstream {{ store_dir: {store} }}\n"
             f"mqtt {{ listen: {json.dumps(f'{self.host}:{self.port}')} }}\n"
         )
+        if self.cluster_port:
+            routes = ", ".join(json.dumps(f"nats://{LOOPBACK}:{p}") for p in self.routes)
+            text += (
+                f"cluster {{ name: senseflow_cluster, "
+                f"listen: {json.dumps(f'{LOOPBACK}:{self.cluster_port}')}, routes: [{routes}] }}\n"
+            )
+        return text
 
     def _is_ready(self) -> bool:
         try:
             with socket.create_connection((self.host, self.port), timeout=1.0):
-                return True
+                pass
         except OSError:
             return False
+        if not self.cluster_port:
+            return True
+        return self.healthy()
+
+    def healthy(self) -> bool:
+        """JetStream is up and current on this server (its monitoring `/healthz`)."""
+        url = f"http://{LOOPBACK}:{self.monitor_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as answer:
+                return bool(answer.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
+
+
+class NatsCluster:
+    """`size` nats-servers routed into one JetStream cluster on loopback.
+
+    Members start together (JetStream needs a quorum to elect its meta leader, so none is
+    ready alone); each can be stopped and started again on the same ports with its data.
+    """
+
+    def __init__(self, size: int = 3) -> None:
+        cluster_ports = free_ports(size)
+        self.servers = [
+            NatsServer(server_name=f"senseflow_{i}", cluster_port=port, routes=cluster_ports)
+            for i, port in enumerate(cluster_ports)
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        return [server.url for server in self.servers]
+
+    def start(self) -> None:
+        for server in self.servers:
+            server.config_path.write_text(server._config_text(), encoding="utf-8")
+            server._spawn()
+        for server in self.servers:
+            server._wait_ready()
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -11,7 +11,7 @@ from workers.encode import EventEncoder
 from workers.enrich import Enricher
 from workers.eventcount import EventCounts, event_counts_enabled
 from workers.parse import parse_datagram
-from workers.writer.destinations import INFLUXDB, MQTT, NEWRELIC
+from workers.writer.destinations import INFLUXDB, MQTT, NATS, NEWRELIC
 
 _ACTION_INDEX = {action: index for index, action in enumerate(ACTIONS)}
 _Encoders = tuple[
@@ -29,7 +29,8 @@ class EventPipeline:
         self.encoder = EventEncoder(config)
         # Whether to encode for a destination: its record decides (the writer feeds it then).
         self.to_influx = INFLUXDB.enabled(config)
-        self.to_mqtt = MQTT.enabled(config)
+        # NATS publishes the MQTT payloads (its record names the same encoder).
+        self.to_mqtt = MQTT.enabled(config) or NATS.enabled(config)
         self.to_newrelic = NEWRELIC.enabled(config)
         self.encoders = self._encoders()
         self.event_counts = EventCounts() if event_counts_enabled(config) else None
@@ -102,7 +103,7 @@ class EventPipeline:
         encoder = self.encoder
         return (
             getattr(encoder, INFLUXDB.encoder) if self.to_influx else None,
-            getattr(encoder, MQTT.encoder) if self.to_mqtt else None,
+            getattr(encoder, MQTT.encoder) if self.to_mqtt else None,  # also NATS's
             getattr(encoder, NEWRELIC.encoder) if self.to_newrelic else None,
         )
 

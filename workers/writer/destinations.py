@@ -67,6 +67,20 @@ def _newrelic_sink() -> SinkFactory:
     return NewRelicSink
 
 
+def _nats_sink() -> SinkFactory:
+    from workers.writer.sinks.nats import NatsSink
+
+    return NatsSink
+
+
+def _describe_nats(config: Config) -> str:
+    nats = config.pipeline.nats
+    return (
+        f"NATS {', '.join(nats.servers)} accepted us; JetStream stream {nats.stream} "
+        f"takes {nats.subject_prefix}.>"
+    )
+
+
 def _describe_mqtt(config: Config) -> str:
     broker = config.butler.mqtt_config
     return f"MQTT broker {broker.broker_host}:{broker.broker_port} accepted our CONNECT"
@@ -105,7 +119,15 @@ NEWRELIC = Destination(
     describe=_describe_newrelic,
 )
 
-DESTINATIONS: tuple[Destination, ...] = (INFLUXDB, MQTT, NEWRELIC)
+NATS = Destination(
+    name="nats",
+    enabled=lambda c: c.pipeline.nats.enable,
+    encoder="mqtt",  # the same JSON: one encoding per event serves both
+    sink=_nats_sink,
+    describe=_describe_nats,
+)
+
+DESTINATIONS: tuple[Destination, ...] = (INFLUXDB, MQTT, NEWRELIC, NATS)
 """Every destination, in the order the writer starts them and the logs list them."""
 
 

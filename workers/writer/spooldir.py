@@ -54,6 +54,8 @@ def destination_identities(config: Config, names: list[str]) -> dict[str, str]:
         "mqtt": f"mqtt://{mqtt.broker_host}:{mqtt.broker_port} topics={','.join(topics)}",
         "newrelic": f"{butler.new_relic.event.url} accounts="
         + ",".join(sorted(accounts.get(name, name) for name in wanted)),
+        "nats": f"nats stream={config.pipeline.nats.stream} "
+        f"subjects={config.pipeline.nats.subject_prefix}.>",
     }
     return {name: identities[name] for name in names}
 
