@@ -4,31 +4,50 @@ Starts its own influxd and mosquitto (tests/localservers.py), then for each `--w
 value runs a bounded search: a trial starts `senseflow run`, sends `--count` datagrams at a
 steady rate with `senseflow send`'s engine, waits for the service to finish writing,
 and counts what arrived (InfluxDB `SELECT count(*)`, MQTT messages on the everything
-topic via a QoS 1 mosquitto_sub). A trial passes only with zero loss on both. The rate
-doubles until a trial fails, then bisects. Per trial it also records CPU seconds and
-peak RSS of every senseflow process.
+topic via a QoS 1 mosquitto_sub, messages in the NATS JetStream stream). A trial passes
+only with zero loss on every destination. The rate doubles until a trial fails, then
+bisects. Per trial it also records CPU seconds and peak RSS of every senseflow process.
 
     .venv/bin/python -m benchmarks.e2e --workers 1 2 --count 1000000
+
+`--destinations` picks them (default influxdb mqtt); NATS next to MQTT, one at a time:
+
+    .venv/bin/python -m benchmarks.e2e --workers 2 --destinations mqtt
+    .venv/bin/python -m benchmarks.e2e --workers 2 --destinations nats
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats
+
 from senseflow.commands.corpus import make_corpus
 from senseflow.commands.send import send
 from tests.e2e.harness import Service, influx_count, udp_port, write_config
-from tests.localservers import InfluxServer, MosquittoServer
+from tests.localservers import InfluxServer, MosquittoServer, NatsServer
 
 EVERYTHING_TOPIC = "qliksense/userevent"
+DESTINATIONS = ("influxdb", "mqtt", "nats")
+
+
+@dataclass
+class Servers:
+    """The destination servers of a run; None where not benchmarked."""
+
+    influx: InfluxServer | None
+    broker: MosquittoServer | None
+    nats: NatsServer | None
 
 
 @dataclass
@@ -39,6 +58,8 @@ class Trial:
     achieved_rate: float = 0.0
     influx: int = 0
     mqtt: int = 0
+    nats: int = 0
+    destinations: list[str] = field(default_factory=lambda: ["influxdb", "mqtt"])
     counters: dict[str, int] = field(default_factory=dict)
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
@@ -46,7 +67,8 @@ class Trial:
 
     @property
     def zero_loss(self) -> bool:
-        return self.influx == self.count and self.mqtt == self.count
+        arrived = {"influxdb": self.influx, "mqtt": self.mqtt, "nats": self.nats}
+        return all(arrived[d] == self.count for d in self.destinations)
 
     @property
     def cpu_us_per_event(self) -> float:
@@ -114,10 +136,26 @@ def live_pids(service: Service) -> dict[str, int]:
     return pids
 
 
+async def stream_count(server: NatsServer, stream: str, delete: bool = False) -> int:
+    nc = await nats.connect(server.url)
+    try:
+        js = nc.jetstream()
+        count = int((await js.stream_info(stream)).state.messages)
+        if delete:
+            await js.delete_stream(stream)
+        return count
+    finally:
+        await nc.close()
+
+
+def nats_section(server: NatsServer, stream: str) -> dict[str, Any]:
+    prefix = f"bench.{stream.lower()}"
+    return {"enable": True, "servers": [server.url], "stream": stream, "subjectPrefix": prefix}
+
+
 def run_trial(
     workdir: Path,
-    influx: InfluxServer,
-    broker: MosquittoServer,
+    servers: Servers,
     workers: int,
     rate: float,
     count: int,
@@ -125,11 +163,23 @@ def run_trial(
     extra: dict[str, Any],
 ) -> Trial:
     trial = Trial(workers, rate, count)
+    trial.destinations = [
+        name
+        for name, server in zip(
+            DESTINATIONS, (servers.influx, servers.broker, servers.nats), strict=True
+        )
+        if server is not None
+    ]
+    influx, broker = servers.influx, servers.broker
     database = f"bench_{time.monotonic_ns()}"
-    influx.create_database(database)
+    stream = f"BENCH_{time.monotonic_ns()}"
+    if influx is not None:
+        influx.create_database(database)
+    if servers.nats is not None:
+        extra = {**extra, "nats": nats_section(servers.nats, stream)}
     port = udp_port()
     config = write_config(workdir / "bench.yaml", port, influx, database, broker, **extra)
-    counter = TopicCounter(broker, workdir / "mqtt-count.txt")
+    counter = TopicCounter(broker, workdir / "mqtt-count.txt") if broker else None
     service = Service(config, workdir / "senseflow.log", "--workers", str(workers))
     try:
         service.wait_running()
@@ -137,32 +187,42 @@ def run_trial(
         report = send(("127.0.0.1", port), pool, rate, count=count, sources=4)
         trial.achieved_rate = report.rate
         started = time.monotonic()
-        wait_until_written(service, count)
+        wait_until_written(service, count, trial.destinations)
         trial.drain_seconds = time.monotonic() - started
         cpu_after, trial.peak_rss_mb = process_stats(live_pids(service))
         # Only what the load cost: start-up (imports, connections) is left out.
         trial.cpu_seconds = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_after.items()}
         service.terminate()
         trial.counters = service.counters()
-        trial.influx = influx_count(influx, database)
-        deadline = time.monotonic() + 10
-        while counter.count() < count and time.monotonic() < deadline:
-            time.sleep(0.2)
-        trial.mqtt = counter.count()
+        trial.influx = influx_count(influx, database) if influx else 0
+        if servers.nats is not None:
+            trial.nats = asyncio.run(stream_count(servers.nats, stream))
+        if counter is not None:
+            deadline = time.monotonic() + 10
+            while counter.count() < count and time.monotonic() < deadline:
+                time.sleep(0.2)
+            trial.mqtt = counter.count()
     finally:
         service.stop()
-        counter.stop()
-        influx.query(f'DROP DATABASE "{database}"')
+        if counter is not None:
+            counter.stop()
+        if influx is not None:
+            influx.query(f'DROP DATABASE "{database}"')
+        if servers.nats is not None:
+            asyncio.run(stream_count(servers.nats, stream, delete=True))
     return trial
 
 
-def wait_until_written(service: Service, count: int, idle_timeout: float = 15.0) -> None:
-    """Until both destinations have everything, or nothing moved for `idle_timeout` s."""
-    last, last_change = (-1, -1), time.monotonic()
+def wait_until_written(
+    service: Service, count: int, destinations: list[str], idle_timeout: float = 15.0
+) -> None:
+    """Until every destination has everything, or nothing moved for `idle_timeout` s."""
+    last: tuple[int, ...] = (-1,)
+    last_change = time.monotonic()
     while True:
         time.sleep(0.5)
         counters = service.counters() if "counters: " in service.log else {}
-        now = (counters.get("written.influxdb", 0), counters.get("written.mqtt", 0))
+        now = tuple(counters.get(f"written.{d}", 0) for d in destinations)
         accounted = counters.get("received", 0) >= count and min(now) >= counters.get("events", 0)
         if accounted and counters.get("events", 0) + sum(
             v for k, v in counters.items() if k.startswith(("dropped", "invalid"))
@@ -177,8 +237,7 @@ def wait_until_written(service: Service, count: int, idle_timeout: float = 15.0)
 def search(
     args: argparse.Namespace,
     workdir: Path,
-    influx: InfluxServer,
-    broker: MosquittoServer,
+    servers: Servers,
     workers: int,
     pool: list[bytes],
 ) -> tuple[float, list[Trial]]:
@@ -186,11 +245,12 @@ def search(
     good, bad = 0.0, 0.0
     rate = args.start_rate
     for _ in range(args.max_trials):
-        trial = run_trial(workdir, influx, broker, workers, rate, args.count, pool, {})
+        trial = run_trial(workdir, servers, workers, rate, args.count, pool, {})
         trials.append(trial)
         print(
             f"workers={workers} rate={rate:,.0f}/s sent at {trial.achieved_rate:,.0f}/s: "
-            f"influx {trial.influx:,} mqtt {trial.mqtt:,} of {args.count:,} "
+            f"influx {trial.influx:,} mqtt {trial.mqtt:,} nats {trial.nats:,} "
+            f"of {args.count:,} "
             f"{'OK' if trial.zero_loss else 'LOSS'}; cpu {trial.cpu_us_per_event:.1f} µs/event",
             flush=True,
         )
@@ -204,6 +264,17 @@ def search(
     return good, trials
 
 
+def start_servers(stack: ExitStack, workdir: Path, wanted: set[str]) -> Servers:
+    def started(name: str, server: Any) -> Any:
+        return stack.enter_context(server(workdir / name)) if name in wanted else None
+
+    return Servers(
+        started("influxdb", InfluxServer),
+        started("mqtt", MosquittoServer),
+        started("nats", NatsServer),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -214,19 +285,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", type=float, default=0.15, help="stop when bad/good <= 1+P")
     parser.add_argument("--max-trials", type=int, default=7)
     parser.add_argument("--json", type=Path, help="write the raw figures here")
+    parser.add_argument(
+        "--destinations",
+        nargs="+",
+        choices=DESTINATIONS,
+        default=["influxdb", "mqtt"],
+        help="what the service sends to (each started locally); default influxdb mqtt",
+    )
     args = parser.parse_args(argv)
     pool = make_corpus(min(args.count, 50_000), seed=11)
     results: dict[str, object] = {
         "count": args.count,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "destinations": args.destinations,
     }
-    with (
-        tempfile.TemporaryDirectory(prefix="senseflow-bench-") as tmp,
-        InfluxServer(Path(tmp) / "influxdb") as influx,
-        MosquittoServer(Path(tmp) / "mosquitto") as broker,
-    ):
+    with tempfile.TemporaryDirectory(prefix="senseflow-bench-") as tmp, ExitStack() as stack:
+        servers = start_servers(stack, Path(tmp), set(args.destinations))
         for workers in args.workers:
-            best, trials = search(args, Path(tmp), influx, broker, workers, pool)
+            best, trials = search(args, Path(tmp), servers, workers, pool)
             results[f"workers_{workers}"] = {
                 "max_zero_loss_rate": best,
                 "trials": [

@@ -28,23 +28,31 @@ def config_with(enabled: set[str]) -> Config:
     butler["userEvents"]["sendToNewRelic"]["destinationAccount"] = ["nr"]
     account = {"accountName": "nr", "accountId": "1", "insertApiKey": "key"}
     butler["thirdPartyToolsCredentials"] = {"newRelic": [account]}
-    return config_from_document({"Butler-SOS": butler}, {})
+    own = {"nats": {"enable": "nats" in enabled}}
+    return config_from_document({"Butler-SOS": butler, "senseflow": own}, {})
+
+
+NAMES = [*SWITCHES, "nats"]  # NATS is switched in our own section
+ENCODED_FOR = {"influxdb": "line", "mqtt": "mqtt", "newrelic": "newrelic", "nats": "mqtt"}
 
 
 def test_every_record_names_a_real_encoder_and_a_sink_of_its_name() -> None:
-    assert [d.name for d in DESTINATIONS] == list(SWITCHES)  # unique, in start order
+    assert [d.name for d in DESTINATIONS] == NAMES  # unique, in start order
     for destination in DESTINATIONS:
         assert callable(getattr(EventEncoder, destination.encoder))
         assert getattr(destination.sink(), "name", None) == destination.name
 
 
-@pytest.mark.parametrize("enabled", [set(), {"influxdb"}, {"mqtt", "newrelic"}, set(SWITCHES)])
+@pytest.mark.parametrize(
+    "enabled", [set(), {"influxdb"}, {"mqtt", "newrelic"}, {"nats"}, {"mqtt", "nats"}, set(NAMES)]
+)
 def test_worker_writer_and_check_config_follow_the_records(enabled: set[str]) -> None:
     config = config_with(enabled)
     assert set(destination_names(config)) == enabled  # the writer's sinks and spool cursors
     pipeline = EventPipeline(config)
-    encoders = dict(zip(SWITCHES, pipeline.encoders, strict=True))
-    assert {name for name, encoder in encoders.items() if encoder is not None} == enabled
+    encoders = dict(zip(("line", "mqtt", "newrelic"), pipeline.encoders, strict=True))
+    wanted = {ENCODED_FOR[name] for name in enabled}  # NATS publishes the MQTT payloads
+    assert {name for name, encoder in encoders.items() if encoder is not None} == wanted
     if not enabled:
         results = check_destinations(config, timeout=1.0)
-        assert results == [(name, True, "disabled") for name in SWITCHES]
+        assert results == [(name, True, "disabled") for name in NAMES]
