@@ -441,9 +441,12 @@ class NatsServer(_ServerProcess):
         server_name: str = "senseflow_test",
         cluster_port: int = 0,
         routes: list[int] | None = None,
+        user: str = "",
+        password: str = "",
     ) -> None:
         super().__init__(workdir, startup_timeout)
         self.binary = binary
+        self.user, self.password = user, password
         self.host = LOOPBACK
         self.port, self.nats_port, self.monitor_port = free_ports(3)
         self.server_name = server_name
@@ -466,6 +469,11 @@ class NatsServer(_ServerProcess):
             f"jetstream {{ store_dir: {store} }}\n"
             f"mqtt {{ listen: {json.dumps(f'{self.host}:{self.port}')} }}\n"
         )
+        if self.user:
+            text += (
+                f"authorization {{ user: {json.dumps(self.user)}, "
+                f"password: {json.dumps(self.password)} }}\n"
+            )
         if self.cluster_port:
             routes = ", ".join(json.dumps(f"nats://{LOOPBACK}:{p}") for p in self.routes)
             text += (

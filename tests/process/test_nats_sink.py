@@ -177,3 +177,27 @@ async def stream_leader(servers: list[str]) -> str:
         return info.cluster.leader
     finally:
         await nc.close()
+
+
+def probe(config: Config) -> tuple[bool, str]:
+    """check-config's line for NATS (senseflow/commands/tools.py, via the registry)."""
+    from senseflow.commands.tools import check_destinations
+
+    return next(
+        (ok, detail) for name, ok, detail in check_destinations(config, 5.0) if name == "nats"
+    )
+
+
+def test_check_config_probes_through_the_registry() -> None:
+    with NatsServer(user="senseflow", password="s3cret-pw") as server:
+        ok, detail = probe(nats_config([server.url], user="senseflow", password="wrong-pw"))
+        assert not ok and detail.startswith(f"NATS {server.url}: "), detail
+        assert "Authorization Violation" in detail and "wrong-pw" not in detail
+        ok, detail = probe(nats_config([server.url], user="senseflow", password="s3cret-pw"))
+        assert (ok, detail) == (
+            True,
+            f"NATS {server.url} accepted us; JetStream stream {STREAM} takes {PREFIX}.>",
+        )
+        server.stop()
+        ok, detail = probe(nats_config([server.url], user="senseflow", password="s3cret-pw"))
+        assert not ok and detail.startswith(f"NATS {server.url}: "), detail

@@ -56,6 +56,9 @@ ACTION_SUBJECTS = ("session_start", "session_stop", "connection_open", "connecti
 """The subject below `subjectPrefix` per action index (shared.events.ACTIONS)."""
 CONNECT_TIMEOUT = 10
 RECONNECT_WAIT = 1
+START_ATTEMPTS = 1
+"""At start, each server is tried this many times again before start() gives up, with
+the last error as the reason (once connected, reconnecting never gives up)."""
 """Seconds nats-py waits before trying a server again that it tried recently."""
 _ERROR = b'"error"'
 _DUPLICATE = b'"duplicate":'  # nats-server writes `"duplicate": true`, only when true
@@ -116,6 +119,7 @@ class NatsSink:
         self.last_progress = time.monotonic()
         self.tasks: list[asyncio.Task[None]] = []
         self.closing = False
+        self.last_error: Exception | None = None
 
     @property
     def address(self) -> str:
@@ -129,7 +133,8 @@ class NatsSink:
             await self._ensure_stream()
         except (OSError, TimeoutError, nats.errors.Error) as exc:
             await self._close_connection()
-            reason = str(exc) or type(exc).__name__
+            cause = self.last_error if isinstance(exc, nats.errors.NoServersError) else exc
+            reason = str(cause or exc) or type(exc).__name__
             raise DestinationUnreachable(f"NATS {self.address}: {reason}") from exc
         except BaseException:
             await self._close_connection()
@@ -152,13 +157,15 @@ class NatsSink:
             user_credentials=options.creds_file or None,
             tls=tls_context(options),
             allow_reconnect=True,
-            max_reconnect_attempts=-1,
+            max_reconnect_attempts=START_ATTEMPTS,
             reconnect_time_wait=RECONNECT_WAIT,
             connect_timeout=CONNECT_TIMEOUT // 2,
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
         )
+        # Connected: from now on nats-py tries every server again and again, forever.
+        self.nc.options["max_reconnect_attempts"] = -1
         inbox = self.nc.new_inbox()
         self.reply_prefix = f"{inbox}.".encode()
         await self.nc.subscribe(f"{inbox}.*", cb=self._on_ack, pending_msgs_limit=-1)
@@ -190,6 +197,7 @@ class NatsSink:
             )
 
     async def _on_error(self, exc: Exception) -> None:
+        self.last_error = exc
         log.warning("NATS %s: %s", self.address, str(exc) or type(exc).__name__)
 
     async def _on_disconnected(self) -> None:
