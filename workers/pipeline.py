@@ -11,7 +11,7 @@ from workers.encode import EventEncoder
 from workers.enrich import Enricher
 from workers.eventcount import EventCounts, event_counts_enabled
 from workers.parse import parse_datagram
-from workers.writer.destinations import INFLUXDB, MQTT, NATS, NEWRELIC
+from workers.writer.destinations import enabled_destinations
 
 _ACTION_INDEX = {action: index for index, action in enumerate(ACTIONS)}
 _Encoders = tuple[
@@ -27,11 +27,13 @@ class EventPipeline:
     def __init__(self, config: Config, app_names: Mapping[str, str] | None = None) -> None:
         self.enricher = Enricher(config, app_names)
         self.encoder = EventEncoder(config)
-        # Whether to encode for a destination: its record decides (the writer feeds it then).
-        self.to_influx = INFLUXDB.enabled(config)
-        # NATS publishes the MQTT payloads (its record names the same encoder).
-        self.to_mqtt = MQTT.enabled(config) or NATS.enabled(config)
-        self.to_newrelic = NEWRELIC.enabled(config)
+        # Which encodings to make: those the enabled records name (the writer feeds exactly
+        # those destinations); one encoding serves every destination that names it (NATS
+        # publishes the MQTT payloads).
+        needed = {destination.encoder for destination in enabled_destinations(config)}
+        self.to_influx = "line" in needed
+        self.to_mqtt = "mqtt" in needed
+        self.to_newrelic = "newrelic" in needed
         self.encoders = self._encoders()
         self.event_counts = EventCounts() if event_counts_enabled(config) else None
 
@@ -99,12 +101,12 @@ class EventPipeline:
         )
 
     def _encoders(self) -> _Encoders:
-        """The encoders the records name (line, MQTT, New Relic), None where disabled."""
+        """The encoders the records name (line, MQTT, New Relic), None where not needed."""
         encoder = self.encoder
         return (
-            getattr(encoder, INFLUXDB.encoder) if self.to_influx else None,
-            getattr(encoder, MQTT.encoder) if self.to_mqtt else None,  # also NATS's
-            getattr(encoder, NEWRELIC.encoder) if self.to_newrelic else None,
+            encoder.line if self.to_influx else None,
+            encoder.mqtt if self.to_mqtt else None,
+            encoder.newrelic if self.to_newrelic else None,
         )
 
 

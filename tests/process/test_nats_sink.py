@@ -7,6 +7,8 @@ nothing and stores nothing twice."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -146,7 +148,9 @@ def test_r3_cluster_losing_its_stream_leader_mid_load_loses_and_doubles_nothing(
             await publish(sink, total // 2)
             leader = await stream_leader(cluster.urls)
             victim = next(s for s in cluster.servers if s.server_name == leader)
-            await asyncio.to_thread(victim.stop)  # SIGTERM, SIGKILL past 10 s; by PID
+            assert victim.pid is not None
+            os.kill(victim.pid, signal.SIGKILL)  # by PID, no goodbye to the cluster
+            await asyncio.to_thread(victim.stop)  # reaps it
             await publish_from(sink, total // 2, total // 2)
             await asyncio.wait_for(sink.flush(), WAIT * 2)
         finally:
