@@ -443,10 +443,14 @@ class NatsServer(_ServerProcess):
         routes: list[int] | None = None,
         user: str = "",
         password: str = "",
+        tls: tuple[str, str, str] | None = None,
     ) -> None:
+        """`tls`: (certificate, key, CA) of the NATS port; clients must show a
+        certificate from that CA."""
         super().__init__(workdir, startup_timeout)
         self.binary = binary
         self.user, self.password = user, password
+        self.tls = tls
         self.host = LOOPBACK
         self.port, self.nats_port, self.monitor_port = free_ports(3)
         self.server_name = server_name
@@ -455,7 +459,7 @@ class NatsServer(_ServerProcess):
 
     @property
     def url(self) -> str:
-        return f"nats://{LOOPBACK}:{self.nats_port}"
+        return f"{'tls' if self.tls else 'nats'}://{LOOPBACK}:{self.nats_port}"
 
     def _command(self) -> list[str]:
         return [self.binary, "-c", str(self.config_path)]
@@ -469,6 +473,9 @@ class NatsServer(_ServerProcess):
             f"jetstream {{ store_dir: {store} }}\n"
             f"mqtt {{ listen: {json.dumps(f'{self.host}:{self.port}')} }}\n"
         )
+        if self.tls:
+            cert, key, ca = (json.dumps(path) for path in self.tls)
+            text += f"tls {{ cert_file: {cert}, key_file: {key}, ca_file: {ca}, verify: true }}\n"
         if self.user:
             text += (
                 f"authorization {{ user: {json.dumps(self.user)}, "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -10,10 +12,14 @@ Stored = tuple[str, str, bytes]
 
 
 async def stream_messages(
-    servers: list[str], stream: str, subjects: str, timeout: float = 30.0
+    servers: list[str],
+    stream: str,
+    subjects: str,
+    timeout: float = 30.0,
+    tls: ssl.SSLContext | None = None,
 ) -> list[Stored]:
     """Every message of the stream, in stream order (an ephemeral pull consumer)."""
-    nc = await nats.connect(servers=servers)
+    nc = await nats.connect(servers=servers, tls=tls)
     try:
         js = nc.jetstream()
         stored = (await js.stream_info(stream)).state.messages

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -20,6 +22,7 @@ from shared.counters import Counters
 from shared.events import EncodedBatch
 from tests.localservers import NatsCluster, NatsServer
 from tests.natsstream import Stored, stream_messages
+from tests.process import tls
 from workers.writer.sinks.base import DestinationUnreachable
 from workers.writer.sinks.nats import ACTION_SUBJECTS, NatsSink
 
@@ -205,3 +208,38 @@ def test_check_config_probes_through_the_registry() -> None:
         server.stop()
         ok, detail = probe(nats_config([server.url], user="senseflow", password="s3cret-pw"))
         assert not ok and detail.startswith(f"NATS {server.url}: "), detail
+
+
+def test_mutual_tls(tmp_path: Path) -> None:
+    ca = tls.make_ca(tmp_path, "ca")
+    server_id = tls.make_leaf(tmp_path, "server", ca, server_ip="127.0.0.1")
+    client = tls.make_leaf(tmp_path, "client", ca)
+    counters = Counters()
+    with NatsServer(tls=(server_id.cert, server_id.key, ca.cert)) as server:
+        assert server.url.startswith("tls://")
+        no_client_cert = nats_config([server.url], tls={"caFile": ca.cert})
+        ok, detail = probe(no_client_cert)
+        assert not ok and detail.startswith(f"NATS {server.url}: "), detail
+        config = nats_config(
+            [server.url], tls={"caFile": ca.cert, "certFile": client.cert, "keyFile": client.key}
+        )
+
+        async def scenario() -> list[Stored]:
+            sink = NatsSink(config, counters)
+            await sink.start()
+            try:
+                await publish(sink, 100)
+                await asyncio.wait_for(sink.flush(), WAIT)
+            finally:
+                await asyncio.wait_for(sink.close(), WAIT)
+            nc_tls = tls_client_context(ca.cert, client)
+            return await stream_messages([server.url], STREAM, f"{PREFIX}.>", WAIT, nc_tls)
+
+        assert asyncio.run(scenario()) == expected(100)
+    assert counters.snapshot() == {"written.nats": 100}
+
+
+def tls_client_context(ca: str, client: tls.Identity) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca)
+    context.load_cert_chain(client.cert, client.key)
+    return context
