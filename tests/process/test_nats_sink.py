@@ -243,3 +243,37 @@ def tls_client_context(ca: str, client: tls.Identity) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=ca)
     context.load_cert_chain(client.cert, client.key)
     return context
+
+
+def test_refused_publishes_are_retried_until_the_stream_is_back(nats_server: NatsServer) -> None:
+    """No stream: every publish is answered 503 (no responders); retried with backoff, in
+    order, and stored once the stream exists again (no help from `ackTimeout`)."""
+    counters = Counters()
+    config = nats_config([nats_server.url], ackTimeout=600)
+
+    async def scenario() -> list[Stored]:
+        sink = NatsSink(config, counters)
+        await sink.start()
+        admin = await nats.connect(nats_server.url)
+        try:
+            await admin.jetstream().delete_stream(STREAM)
+            await publish(sink, 100, size=10)
+            await until(lambda: counters.snapshot().get("retries.nats", 0) >= 2)
+            assert counters.snapshot().get("written.nats", 0) == 0
+            await admin.jetstream().add_stream(name=STREAM, subjects=[f"{PREFIX}.>"])
+            await asyncio.wait_for(sink.flush(), WAIT)
+        finally:
+            await admin.close()
+            await asyncio.wait_for(sink.close(), WAIT)
+        return await stream_contents([nats_server.url])
+
+    assert asyncio.run(scenario()) == expected(100)
+    assert counters.snapshot()["written.nats"] == 100
+    assert counters.snapshot()["nats.republished"] >= 200
+
+
+async def until(condition: Any, timeout: float = WAIT) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
