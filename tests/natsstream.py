@@ -21,7 +21,7 @@ async def stream_messages(
     """Every message of the stream, in stream order (an ephemeral pull consumer)."""
     nc = await nats.connect(servers=servers, tls=tls)
     try:
-        js = nc.jetstream()
+        js = nc.jetstream(timeout=timeout)  # a cluster that just lost a node is slow to answer
         stored = (await js.stream_info(stream)).state.messages
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
         sub = await js.pull_subscribe(subjects, stream=stream, config=config)

@@ -60,7 +60,8 @@ START_ATTEMPTS = 1
 """At start, each server is tried this many times again before start() gives up, with
 the last error as the reason (once connected, reconnecting never gives up)."""
 """Seconds nats-py waits before trying a server again that it tried recently."""
-_ERROR = b'"error"'
+_STORED = b'{"stream"'
+"""How a PubAck starts; an error answer starts `{"error"`, a 503 has no body."""
 _DUPLICATE = b'"duplicate":'  # nats-server writes `"duplicate": true`, only when true
 
 
@@ -174,7 +175,7 @@ class NatsSink:
     async def _ensure_stream(self) -> None:
         """The stream, created with our subjects when missing; an existing one is kept."""
         options = self.options
-        js = self.nc.jetstream(timeout=CONNECT_TIMEOUT / 2)
+        js = self.nc.jetstream(timeout=CONNECT_TIMEOUT)  # slow while a cluster elects
         wanted = f"{options.subject_prefix}.>"
         try:
             info = await js.stream_info(options.stream)
@@ -218,7 +219,7 @@ class NatsSink:
 
     async def _on_ack(self, msg: Msg) -> None:
         data = msg.data
-        if not data or _ERROR in data:  # an API error, or a 503 (no stream leader now)
+        if not data.startswith(_STORED):  # an API error, or a 503 (no stream leader now)
             self._failed(data or f"status {msg.header}".encode())
             return
         token = int(msg.subject[len(self.reply_prefix) :])
@@ -284,8 +285,10 @@ class NatsSink:
         self._send(self._frames(batch, number))
         transport = self.nc._transport
         if transport is not None and self.nc.is_connected:
-            with contextlib.suppress(OSError):  # nats-py notices, reconnects, we resend
-                await transport.drain()  # type: ignore[no-untyped-call]  # waits past the high-water mark only
+            # Waits only past the socket's high-water mark. A failure: nats-py notices and
+            # reconnects, and we resend.
+            with contextlib.suppress(OSError):
+                await transport.drain()  # type: ignore[no-untyped-call]
 
     def _frames(self, batch: EncodedBatch, number: int) -> list[tuple[int, bytes]]:
         """One HPUB frame per event, registered as unacknowledged under a new token."""
