@@ -1,0 +1,375 @@
+"""Live sessions (SPEC 3a): who is on which Sense host, derived from the user events.
+
+The state is pure: events go in (`apply`, in receive-time order), counts and snapshots come
+out. The writer keeps one from the spool, `senseflow who` rebuilds one from InfluxDB, and
+both use this code, so they agree by construction.
+
+Layout, chosen for memory (100,000 sessions must fit well under 200 MB): per host one dict
+from the user's key to a `UserEntry`, kept in last-seen order (an event moves its user to the
+end), so expiry only looks at the front of each dict. An entry exists exactly while the user
+has at least one session there; a user's connections live in `apps`, None until the first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+
+from shared.events import UserEvent
+
+START, STOP, OPEN, CLOSE = range(4)
+"""Action codes, the indexes of `shared.events.ACTIONS`."""
+
+UNMATCHED_STOP = "sessions.unmatched_stop"
+UNMATCHED_CLOSE = "sessions.unmatched_close"
+IMPLICIT_START = "sessions.implicit_start"
+EXPIRED = "sessions.expired"
+COUNTER_NAMES = (UNMATCHED_STOP, UNMATCHED_CLOSE, IMPLICIT_START, EXPIRED)
+
+SWEEP_EVERY_NS = 1_000_000_000
+"""Idle users are swept at most once per second of event time (and before every snapshot);
+a user's own event always finds its stale entry first, so lazy sweeps change nothing."""
+
+
+class SessionEvent(msgspec.Struct, array_like=True, gc=False):
+    """What the session state needs of one user event; '' means not known."""
+
+    time_ns: int
+    action: int
+    host: str
+    user_directory: str
+    user_id: str
+    app_id: str = ""
+    app_name: str = ""
+    browser: str = ""
+    os: str = ""
+
+
+class AppEntry(msgspec.Struct, array_like=True, gc=False):
+    app_name: str
+    connections: int
+    since_ns: int
+
+
+class UserEntry(msgspec.Struct, array_like=True, gc=False):
+    """One user on one host: `directory` and `user_id` as first seen there."""
+
+    directory: str
+    user_id: str
+    sessions: int
+    since_ns: int
+    last_seen_ns: int
+    browser: str = ""
+    os: str = ""
+    apps: dict[str, AppEntry] | None = None
+
+    def connections(self) -> int:
+        return sum(a.connections for a in self.apps.values()) if self.apps else 0
+
+
+class Checkpoint(msgspec.Struct, array_like=True):
+    """The whole state, for a checkpoint; dict order (last-seen order) survives msgpack."""
+
+    max_idle_ns: int
+    clock_ns: int
+    hosts: dict[str, dict[str, UserEntry]]
+    counters: dict[str, int]
+
+
+def user_key(directory: str, user_id: str) -> str:
+    """Users compare case-insensitively, as `excludeUser` does; fields never hold NUL."""
+    return f"{directory}\x00{user_id}".casefold()
+
+
+def browser_label(name: str, major: str) -> str:
+    return f"{name} {major}" if name and major else name
+
+
+def session_event(event: UserEvent, action: int) -> SessionEvent:
+    """The session view of an enriched event (`action` is its index in ACTIONS)."""
+    return SessionEvent(
+        event.received_ns,
+        action,
+        event.host,
+        event.user_directory,
+        event.user_id,
+        event.app_id,
+        event.app_name,
+        browser_label(event.ua_browser_name, event.ua_browser_major),
+        browser_label(event.ua_os_name, event.ua_os_version),
+    )
+
+
+class SessionState:
+    """Rules 1-6 of SPEC 3a, with per-host and total counts kept up to date."""
+
+    def __init__(self, max_idle_ns: int, sweep_every_ns: int = SWEEP_EVERY_NS) -> None:
+        self.max_idle_ns = max_idle_ns
+        self.sweep_every_ns = sweep_every_ns
+        self.clock_ns = 0
+        self.hosts: dict[str, dict[str, UserEntry]] = {}
+        self.counters = dict.fromkeys(COUNTER_NAMES, 0)
+        self._user_hosts: dict[str, int] = {}
+        self._next_sweep_ns = 0
+
+    # -- events ----------------------------------------------------------------------------
+
+    def apply(self, event: SessionEvent) -> None:
+        now = self.clock_ns = max(event.time_ns, self.clock_ns)
+        if now >= self._next_sweep_ns:
+            self.sweep(now)
+        users = self.hosts.get(event.host)
+        key = user_key(event.user_directory, event.user_id)
+        entry = users.pop(key, None) if users is not None else None
+        if entry is not None and now - entry.last_seen_ns >= self.max_idle_ns:
+            self._forget(event.host, key, counted=True)
+            entry = None
+        action = event.action
+        if entry is None:
+            if action == STOP:
+                self.counters[UNMATCHED_STOP] += 1
+                return
+            if action == CLOSE:
+                self.counters[UNMATCHED_CLOSE] += 1
+                return
+            if action == OPEN:
+                self.counters[IMPLICIT_START] += 1
+            entry = UserEntry(event.user_directory, event.user_id, 0, now, now)
+            self._user_hosts[key] = self._user_hosts.get(key, 0) + 1
+            entry.sessions = 1
+            if action == START:
+                self._touch(event.host, key, entry, event, now)
+                return
+        self._change(event, entry, action, now)
+        if entry.sessions:
+            self._touch(event.host, key, entry, event, now)
+        else:
+            self._forget(event.host, key, counted=False)
+
+    def _change(self, event: SessionEvent, entry: UserEntry, action: int, now: int) -> None:
+        if action == START:
+            entry.sessions += 1
+        elif action == STOP:
+            entry.sessions -= 1
+            if not entry.sessions:
+                entry.apps = None
+        elif action == OPEN:
+            apps = entry.apps if entry.apps is not None else {}
+            entry.apps = apps
+            app = apps.get(event.app_id)
+            if app is None:
+                apps[_shared(event.app_id)] = AppEntry(_shared(event.app_name), 1, now)
+            else:
+                app.connections += 1
+                if event.app_name:
+                    app.app_name = _shared(event.app_name)
+        else:
+            self._close(entry, event.app_id)
+
+    def _close(self, entry: UserEntry, app_id: str) -> None:
+        app = entry.apps.get(app_id) if entry.apps else None
+        if app is None:
+            self.counters[UNMATCHED_CLOSE] += 1
+            return
+        app.connections -= 1
+        if not app.connections:
+            del entry.apps[app_id]  # type: ignore[union-attr]
+            if not entry.apps:
+                entry.apps = None
+
+    def _touch(self, host: str, key: str, entry: UserEntry, event: SessionEvent, now: int) -> None:
+        entry.last_seen_ns = now
+        if event.browser:
+            entry.browser = _shared(event.browser)
+        if event.os:
+            entry.os = _shared(event.os)
+        users = self.hosts.get(host)
+        if users is None:
+            users = self.hosts[host] = {}
+        users[key] = entry  # at the end: the dict stays in last-seen order
+
+    def _forget(self, host: str, key: str, *, counted: bool) -> None:
+        """Drop `key` (already popped) from `host`."""
+        if counted:
+            self.counters[EXPIRED] += 1
+        left = self._user_hosts[key] - 1
+        if left:
+            self._user_hosts[key] = left
+        else:
+            del self._user_hosts[key]
+        if not self.hosts[host]:
+            del self.hosts[host]
+
+    # -- time ------------------------------------------------------------------------------
+
+    def sweep(self, now_ns: int) -> None:
+        """Remove every user idle for `max_idle_ns` at `now_ns` (rule 5)."""
+        self.clock_ns = max(self.clock_ns, now_ns)
+        self._next_sweep_ns = self.clock_ns + self.sweep_every_ns
+        cutoff = self.clock_ns - self.max_idle_ns
+        for host, users in list(self.hosts.items()):
+            stale = []
+            for key, entry in users.items():
+                if entry.last_seen_ns > cutoff:
+                    break
+                stale.append(key)
+            for key in stale:
+                del users[key]
+                self._forget(host, key, counted=True)
+
+    # -- counts ----------------------------------------------------------------------------
+
+    def totals(self) -> tuple[int, int, int]:
+        """(sessions, users, connections) over all hosts; a user on two hosts counts once."""
+        sessions = connections = 0
+        for entry in self.entries():
+            sessions += entry.sessions
+            connections += entry.connections()
+        return sessions, len(self._user_hosts), connections
+
+    def entries(self) -> Iterator[UserEntry]:
+        for users in self.hosts.values():
+            yield from users.values()
+
+    def snapshot(
+        self,
+        at_ns: int,
+        host: str | None = None,
+        user: str | None = None,
+        app: str | None = None,
+    ) -> dict[str, Any]:
+        """The `/api/sessions` document at `at_ns` (idle users swept first), filtered."""
+        self.sweep(at_ns)
+        view = _Filter(host, user, app)
+        hosts = [
+            shown
+            for name in sorted(self.hosts, key=lambda h: (h.casefold(), h))
+            if view.host_matches(name)
+            and (shown := _host_view(name, self.hosts[name], view)) is not None
+        ]
+        users = {key for h in hosts for key in h.pop("_keys")}
+        totals = {
+            "sessions": sum(h["sessions"] for h in hosts),
+            "users": len(users),
+            "connections": sum(h["connections"] for h in hosts),
+        }
+        return {"at": iso_time(at_ns), "totals": totals, "hosts": hosts}
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def checkpoint(self) -> bytes:
+        return _ENCODER.encode(
+            Checkpoint(self.max_idle_ns, self.clock_ns, self.hosts, dict(self.counters))
+        )
+
+    @classmethod
+    def restore(
+        cls, data: bytes, max_idle_ns: int | None = None, sweep_every_ns: int = SWEEP_EVERY_NS
+    ) -> SessionState:
+        saved = _DECODER.decode(data)
+        state = cls(saved.max_idle_ns if max_idle_ns is None else max_idle_ns, sweep_every_ns)
+        state.clock_ns = saved.clock_ns
+        state.hosts = saved.hosts
+        state.counters.update(saved.counters)
+        for users in state.hosts.values():
+            for key, entry in users.items():
+                state._user_hosts[key] = state._user_hosts.get(key, 0) + 1
+                entry.browser, entry.os = _shared(entry.browser), _shared(entry.os)
+        return state
+
+
+class _Filter:
+    """`?host=`, `?user=` (DIR\\id or id) and `?app=` (id or name), case-insensitive."""
+
+    def __init__(self, host: str | None, user: str | None, app: str | None) -> None:
+        self.host = host.casefold() if host else None
+        self.user = user.casefold() if user else None
+        self.app = app.casefold() if app else None
+
+    def host_matches(self, host: str) -> bool:
+        return self.host is None or host.casefold() == self.host
+
+    def user_matches(self, entry: UserEntry) -> bool:
+        if self.user is None:
+            return True
+        user_id = entry.user_id.casefold()
+        return self.user in (user_id, f"{entry.directory.casefold()}\\{user_id}")
+
+    def app_matches(self, app_id: str, app: AppEntry) -> bool:
+        return self.app is None or self.app in (app_id.casefold(), app.app_name.casefold())
+
+
+def _host_view(host: str, users: dict[str, UserEntry], view: _Filter) -> dict[str, Any] | None:
+    active = []
+    keys = []
+    for key, entry in users.items():
+        if not view.user_matches(entry):
+            continue
+        shown = _user_view(entry, view)
+        if shown is not None:
+            active.append(shown)
+            keys.append(key)
+    if not active and (view.user or view.app):
+        return None
+    active.sort(key=lambda u: (u["userDirectory"].casefold(), u["userId"].casefold()))
+    return {
+        "host": host,
+        "sessions": sum(u["sessions"] for u in active),
+        "users": len(active),
+        "connections": sum(a["connections"] for u in active for a in u["apps"]),
+        "active": active,
+        "_keys": keys,
+    }
+
+
+def _user_view(entry: UserEntry, view: _Filter) -> dict[str, Any] | None:
+    apps = [
+        {
+            "appId": app_id or None,
+            "appName": app.app_name or None,
+            "connections": app.connections,
+            "since": iso_time(app.since_ns),
+        }
+        for app_id, app in sorted((entry.apps or {}).items())
+        if view.app_matches(app_id, app)
+    ]
+    if view.app and not apps:
+        return None
+    return {
+        "userDirectory": entry.directory,
+        "userId": entry.user_id,
+        "sessions": entry.sessions,
+        "since": iso_time(entry.since_ns),
+        "lastSeen": iso_time(entry.last_seen_ns),
+        "browser": entry.browser or None,
+        "os": entry.os or None,
+        "apps": apps,
+    }
+
+
+def iso_time(ns: int) -> str:
+    """ISO 8601, UTC, milliseconds (as the MQTT payload's `timestamp`)."""
+    seconds, rest = divmod(ns, 1_000_000_000)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{rest // 1_000_000:03d}Z"
+
+
+_SHARED: dict[str, str] = {}
+_SHARED_MAX = 4096
+
+
+def _shared(text: str) -> str:
+    """Browsers, systems and app names repeat: keep one copy of each (a bounded number:
+    the values come from outside, and `sys.intern` would keep them for good)."""
+    found = _SHARED.get(text)
+    if found is not None:
+        return found
+    if len(_SHARED) < _SHARED_MAX:
+        _SHARED[text] = text
+    return text
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(Checkpoint)
