@@ -259,6 +259,21 @@ class SpoolOptions(Own, frozen=True):
     """ms between fsyncs with `fsync: interval`."""
 
 
+class SessionOptions(Own, frozen=True):
+    """Live sessions derived from the events (SPEC 3a, shared/sessions.py)."""
+
+    enable: bool = True
+    max_idle: int = 86_400
+    """Seconds without an event after which a user is removed from a host."""
+    snapshot_interval: int = 30
+    """Seconds between session snapshots written to InfluxDB."""
+    virtual_proxy: str = "events"
+    """`user_session_virtual_proxy` tag value: events do not carry the virtual proxy."""
+    mqtt_topic: str = ""
+    """Retained per-host summaries go to `<mqttTopic>/<host>`; '' means
+    `<everythingTopic>/sessions`."""
+
+
 class Pipeline(Own, frozen=True):
     """Pipeline tuning, the `senseflow` section; CLI flags override these."""
 
@@ -288,6 +303,7 @@ class Pipeline(Own, frozen=True):
     log_format: Literal["text", "json"] = "text"
     mqtt: MqttOptions = MqttOptions()
     spool: SpoolOptions = SpoolOptions()
+    sessions: SessionOptions = SessionOptions()
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -389,7 +405,16 @@ def check_semantics(config: Config) -> list[str]:
     problems.extend(_check_new_relic_accounts(config.butler))
     problems.extend(_check_metrics(pipe))
     problems.extend(_check_app_names(config.butler))
+    problems.extend(_check_sessions(pipe.sessions))
     return problems
+
+
+def _check_sessions(sessions: SessionOptions) -> list[str]:
+    return [
+        f"{OWN_SECTION}.sessions.{_camel(name)}: expected seconds >= 1, found {value}"
+        for name in ("max_idle", "snapshot_interval")
+        if (value := getattr(sessions, name)) < 1
+    ]
 
 
 def _check_metrics(pipe: Pipeline) -> list[str]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.config import ConfigError, config_from_document
 from shared.events import UserEvent
 from shared.sessions import (
     CLOSE,
@@ -152,3 +154,21 @@ def test_memory_per_session_is_bounded() -> None:
 
     per_session, per_connection, _ = memory(10_000)
     assert per_session + per_connection < 1000
+
+
+def test_sessions_config_defaults_keys_and_mistakes() -> None:
+    defaults = config_from_document({}, {}).pipeline.sessions
+    assert (defaults.enable, defaults.max_idle, defaults.snapshot_interval) == (True, 86400, 30)
+    assert (defaults.virtual_proxy, defaults.mqtt_topic) == ("events", "")
+    given_doc = {"maxIdle": 600, "snapshotInterval": 5, "virtualProxy": "hub", "mqttTopic": "s"}
+    sessions = config_from_document({"senseflow": {"sessions": given_doc}}, {}).pipeline.sessions
+    assert (sessions.max_idle, sessions.snapshot_interval) == (600, 5)
+    assert (sessions.virtual_proxy, sessions.mqtt_topic) == ("hub", "s")
+    with pytest.raises(ConfigError) as caught:
+        config_from_document({"senseflow": {"sessions": {"maxIdel": 5, "snapshotInterval": 0}}}, {})
+    assert caught.value.problems[0].startswith("senseflow.sessions.maxIdel: unknown key")
+    with pytest.raises(ConfigError) as caught:
+        config_from_document({"senseflow": {"sessions": {"snapshotInterval": 0}}}, {})
+    assert caught.value.problems == [
+        "senseflow.sessions.snapshotInterval: expected seconds >= 1, found 0"
+    ]
