@@ -30,8 +30,10 @@ def memory(sessions: int) -> tuple[float, float, int]:
     tracemalloc.start()
     state = SessionState(DAY_NS)
     for i in range(sessions):  # made inside the trace: what the state keeps of them counts
-        user, browser = f"user{i:06d}", f"Chrome {119 + i % 3}"
-        state.apply(SessionEvent(i, START, HOSTS[i % 4], "LAB", user, "", "", browser, "Win 10"))
+        user, major = f"user{i:06d}", str(119 + i % 3)
+        state.apply(
+            SessionEvent(i, START, HOSTS[i % 4], "LAB", user, "", "", "Chrome", major, "Win", "10")
+        )
     with_sessions = tracemalloc.get_traced_memory()[0]
     for i in range(sessions):
         user, app = f"user{i:06d}", apps[i % 50]
@@ -59,8 +61,10 @@ def cpu_per_event(count: int, seed: int = 1) -> float:
             f"user{rng.randrange(5000)}",
             rng.choice(apps),
             "App",
-            "Chrome 119",
-            "Windows 10",
+            "Chrome",
+            "119",
+            "Windows",
+            "10",
         )
         for i in range(count)
     ]

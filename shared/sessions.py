@@ -35,7 +35,10 @@ a user's own event always finds its stale entry first, so lazy sweeps change not
 
 
 class SessionEvent(msgspec.Struct, array_like=True, gc=False):
-    """What the session state needs of one user event; '' means not known."""
+    """What the session state needs of one user event; '' means not known.
+
+    Workers send these as plain msgpack arrays (`EncodedBatch.sessions`), in this order.
+    """
 
     time_ns: int
     action: int
@@ -44,8 +47,10 @@ class SessionEvent(msgspec.Struct, array_like=True, gc=False):
     user_id: str
     app_id: str = ""
     app_name: str = ""
-    browser: str = ""
-    os: str = ""
+    browser_name: str = ""
+    browser_major: str = ""
+    os_name: str = ""
+    os_version: str = ""
 
 
 class AppEntry(msgspec.Struct, array_like=True, gc=False):
@@ -84,8 +89,9 @@ def user_key(directory: str, user_id: str) -> str:
     return f"{directory}\x00{user_id}".casefold()
 
 
-def browser_label(name: str, major: str) -> str:
-    return f"{name} {major}" if name and major else name
+def browser_label(name: str, version: str) -> str:
+    """`Chrome 119`, `Windows 10`: name and version, as shown."""
+    return f"{name} {version}" if name and version else name
 
 
 def session_event(event: UserEvent, action: int) -> SessionEvent:
@@ -98,8 +104,10 @@ def session_event(event: UserEvent, action: int) -> SessionEvent:
         event.user_id,
         event.app_id,
         event.app_name,
-        browser_label(event.ua_browser_name, event.ua_browser_major),
-        browser_label(event.ua_os_name, event.ua_os_version),
+        event.ua_browser_name,
+        event.ua_browser_major,
+        event.ua_os_name,
+        event.ua_os_version,
     )
 
 
@@ -182,10 +190,10 @@ class SessionState:
 
     def _touch(self, host: str, key: str, entry: UserEntry, event: SessionEvent, now: int) -> None:
         entry.last_seen_ns = now
-        if event.browser:
-            entry.browser = _shared(event.browser)
-        if event.os:
-            entry.os = _shared(event.os)
+        if event.browser_name:
+            entry.browser = _shared(browser_label(event.browser_name, event.browser_major))
+        if event.os_name:
+            entry.os = _shared(browser_label(event.os_name, event.os_version))
         users = self.hosts.get(host)
         if users is None:
             users = self.hosts[host] = {}

@@ -22,7 +22,7 @@ from typing import IO, Any
 from shared import exitcodes
 from shared.config import Config, InfluxdbConfig, load_config
 from shared.events import ACTIONS
-from shared.sessions import SessionEvent, SessionState, browser_label
+from shared.sessions import SessionEvent, SessionState
 from workers.writer.sinks.influx import basic_auth, identifier
 
 QUERY_TIMEOUT = 300.0
@@ -148,8 +148,10 @@ def _session_event(row: list[Any], index: dict[str, int]) -> SessionEvent | None
         user_id,
         value("appId_field"),
         value("appName_field"),
-        browser_label(value("qs_uaBrowserName"), value("qs_uaBrowserMajorVersion")),
-        browser_label(value("qs_uaOsName"), value("qs_uaOsVersion")),
+        value("qs_uaBrowserName"),
+        value("qs_uaBrowserMajorVersion"),
+        value("qs_uaOsName"),
+        value("qs_uaOsVersion"),
     )
 
 

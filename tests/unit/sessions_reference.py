@@ -92,10 +92,10 @@ class ReferenceState:
                 if user.apps[event.app_id].connections == 0:
                     del user.apps[event.app_id]
         user.last_seen = now
-        if event.browser:
-            user.browser = event.browser
-        if event.os:
-            user.os = event.os
+        if event.browser_name:
+            user.browser = f"{event.browser_name} {event.browser_major}".strip()
+        if event.os_name:
+            user.os = f"{event.os_name} {event.os_version}".strip()
 
     def snapshot(
         self, at: int, host: str | None = None, user: str | None = None, app: str | None = None

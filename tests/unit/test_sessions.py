@@ -40,8 +40,10 @@ events = st.builds(
     user_id=st.sampled_from(["anna", "Anna", "bob", "carl"]),
     app_id=st.sampled_from(["", APP_A, APP_B]),
     app_name=st.sampled_from(["", "Sales", "Ops"]),
-    browser=st.sampled_from(["", "Chrome 119", "Firefox 120"]),
-    os=st.sampled_from(["", "Windows 10", "Mac OS X 14"]),
+    browser_name=st.sampled_from(["", "Chrome", "Firefox"]),
+    browser_major=st.sampled_from(["", "119"]),
+    os_name=st.sampled_from(["", "Windows", "Mac OS X"]),
+    os_version=st.sampled_from(["", "10"]),
 )
 filters = st.tuples(
     st.sampled_from([None, "sense1", "SENSE2", "nohost"]),
@@ -96,7 +98,11 @@ def event(time_s: float, action: int, user: str = "anna", **more: str) -> Sessio
 
 def test_rules_on_a_story() -> None:
     state = SessionState(max_idle_ns=3600 * 10**9)
-    state.apply(event(0, START, browser="Chrome 119", os="Windows 10"))
+    state.apply(
+        event(
+            0, START, browser_name="Chrome", browser_major="119", os_name="Windows", os_version="10"
+        )
+    )
     state.apply(event(1, OPEN, app_id=APP_A, app_name="Sales"))
     state.apply(event(2, OPEN, "BOB", app_id=APP_A, host="SENSE2"))  # implicit start
     state.apply(event(3, START, "Anna", host="SENSE2"))  # same user, other host
@@ -143,7 +149,7 @@ def test_session_event_from_an_enriched_event() -> None:
         f"/app/{APP_A}", "msg", 7, APP_A, "Sales", "Chrome", "119", "Windows", "10",
     )  # fmt: skip
     assert session_event(user_event, OPEN) == SessionEvent(
-        7, OPEN, "SENSE1", "LAB", "anna", APP_A, "Sales", "Chrome 119", "Windows 10"
+        7, OPEN, "SENSE1", "LAB", "anna", APP_A, "Sales", "Chrome", "119", "Windows", "10"
     )
 
 
