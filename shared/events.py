@@ -60,6 +60,8 @@ class EncodedBatch(msgspec.Struct, array_like=True, gc=False):
     datagrams it accounts for (events + invalid + excluded). A `fence` batch carries no
     events: the supervisor sends it after `worker` died holding `datagrams` datagrams from
     its send `number` on, and the writer counts those it never got as lost.
+    `sessions` is a msgpack array of `shared.sessions.SessionEvent` arrays, one per event
+    (b"" when live sessions are off), for the writer's session state.
     """
 
     lines: bytes
@@ -72,6 +74,7 @@ class EncodedBatch(msgspec.Struct, array_like=True, gc=False):
     number: int = 0
     datagrams: int = 0
     fence: bool = False
+    sessions: bytes = b""
 
 
 def raw_batch_size(message: bytes) -> int:

@@ -35,6 +35,7 @@ from shared.ipc import REPORT_INTERVAL, STOP, Channels, report, start_parent_wat
 from shared.logs import RateLimitedLog, setup_logging
 from shared.tasks import cancel_all, spawn
 from workers.writer.feeds import BatchCache, Feed, cursor_key, limbo_key
+from workers.writer.sessions import CONSUMER, SessionKeeper
 from workers.writer.sinks.base import DestinationUnreachable, Sink
 from workers.writer.spool import Spool
 
@@ -42,6 +43,7 @@ log = logging.getLogger("senseflow.writer")
 
 NAME = "writer"
 DRAIN_TIMEOUT = 60.0
+SESSION_CHECKPOINT_SECONDS = 5.0
 SPOOLED = "_spooled"
 """The first spool sequence number whose record this run has not counted yet."""
 
@@ -105,6 +107,7 @@ class Writer:
         self.spool: Spool | None = None
         self.feeds: list[Feed] = []
         self.feed_tasks: list[asyncio.Task[None]] = []
+        self.sessions: SessionKeeper | None = None
         self.drop_log = RateLimitedLog(log)
         self.failure: BaseException | None = None
 
@@ -124,6 +127,7 @@ class Writer:
         if not self.open_spool():
             return exitcodes.BOOT_FAILURE
         self.count_spool_at_start()
+        self.start_sessions()
         if not await self.start_sinks():
             return exitcodes.DESTINATION_UNREACHABLE
         self.start_feeds()
@@ -131,6 +135,7 @@ class Writer:
         background = [
             asyncio.create_task(self.report_loop(), name="writer.report"),
             spawn(self.sync_loop(), name="writer.spool-sync"),
+            spawn(self.session_checkpoint_loop(), name="writer.sessions"),
         ]
         await self.consume()
         if self.failure is not None:
@@ -145,9 +150,10 @@ class Writer:
     def open_spool(self) -> bool:
         options = self.config.pipeline.spool
         try:
+            consumers = [CONSUMER] if self.config.pipeline.sessions.enable else []
             self.spool = Spool(
                 options.directory,
-                [sink.name for sink in self.sinks],
+                [sink.name for sink in self.sinks] + consumers,
                 options.max_bytes,
                 options.segment_bytes,
                 options.fsync,
@@ -172,10 +178,10 @@ class Writer:
         spool = self.spool
         if not self.counters.has(SPOOLED):
             recovered = {
-                f"recovered.{name}": sum(spool.events_in(seq) for seq in spool.pending(name))
-                for name in spool.destinations
+                f"recovered.{sink.name}": sum(spool.events_in(s) for s in spool.pending(sink.name))
+                for sink in self.sinks
             }
-            cursors = {cursor_key(name): spool.cursors[name] for name in spool.destinations}
+            cursors = {cursor_key(sink.name): spool.cursors[sink.name] for sink in self.sinks}
             self.counters.commit(recovered, {SPOOLED: spool.next_seq, **cursors})
             return
         for seq in range(self.counters.get(SPOOLED), spool.next_seq):
@@ -188,6 +194,19 @@ class Writer:
                 self.counters.commit(
                     {f"dropped.destination_full.{name}": limbo}, {limbo_key(name): 0}
                 )
+
+    def start_sessions(self) -> None:
+        """The session state: its checkpoint, then the spooled batches after it."""
+        if self.spool is None or not self.config.pipeline.sessions.enable:
+            return
+        sync = self.config.pipeline.spool.fsync != "never"
+        self.sessions = SessionKeeper(self.config.pipeline.sessions, self.spool, sync=sync)
+        self.sessions.start()
+
+    async def session_checkpoint_loop(self) -> None:
+        while self.sessions is not None:
+            await asyncio.sleep(SESSION_CHECKPOINT_SECONDS)
+            self.sessions.checkpoint()
 
     def start_feeds(self) -> None:
         assert self.spool is not None
@@ -280,6 +299,8 @@ class Writer:
     def spool_batch(self, item: bytes, batch: EncodedBatch) -> int:
         assert self.spool is not None
         seq = self.spool.append(item, len(batch.received_ns))
+        if self.sessions is not None:
+            self.sessions.add(seq, batch)
         self.cache.put(seq, batch)
         for feed in self.feeds:
             feed.wake.set()
@@ -287,6 +308,8 @@ class Writer:
 
     def enforce_spool_limit(self) -> None:
         assert self.spool is not None
+        if self.sessions is not None and self.spool.over_limit():
+            self.sessions.checkpoint()  # the session state never holds records back
         while self.spool.over_limit():
             dropped = self.spool.drop_oldest_segment()
             if not dropped:
@@ -329,6 +352,9 @@ class Writer:
                 await asyncio.wait_for(sink.close(), 1.0)
         for feed in self.feeds:
             feed.give_up_handed()  # no longer in the spool, and now not delivered either
+        if self.sessions is not None:
+            self.sessions.flush()
+            self.sessions.checkpoint()
         if self.spool is not None:
             self.spool.close()
         log.info("writer drained in %.2fs", time.monotonic() - started)
