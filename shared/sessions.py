@@ -126,11 +126,15 @@ class SessionState:
     # -- events ----------------------------------------------------------------------------
 
     def apply(self, event: SessionEvent) -> None:
-        now = self.clock_ns = max(event.time_ns, self.clock_ns)
+        now = event.time_ns
+        if now < self.clock_ns:  # a late event: time does not go back
+            now = self.clock_ns
+        else:
+            self.clock_ns = now
         if now >= self._next_sweep_ns:
             self.sweep(now)
         users = self.hosts.get(event.host)
-        key = user_key(event.user_directory, event.user_id)
+        key = f"{event.user_directory}\x00{event.user_id}".casefold()  # user_key, inlined
         entry = users.pop(key, None) if users is not None else None
         if entry is not None and now - entry.last_seen_ns >= self.max_idle_ns:
             self._forget(event.host, key, counted=True)
@@ -191,9 +195,9 @@ class SessionState:
     def _touch(self, host: str, key: str, entry: UserEntry, event: SessionEvent, now: int) -> None:
         entry.last_seen_ns = now
         if event.browser_name:
-            entry.browser = _shared(browser_label(event.browser_name, event.browser_major))
+            entry.browser = _label(event.browser_name, event.browser_major)
         if event.os_name:
-            entry.os = _shared(browser_label(event.os_name, event.os_version))
+            entry.os = _label(event.os_name, event.os_version)
         users = self.hosts.get(host)
         if users is None:
             users = self.hosts[host] = {}
@@ -362,6 +366,25 @@ def iso_time(ns: int) -> str:
     """ISO 8601, UTC, milliseconds (as the MQTT payload's `timestamp`)."""
     seconds, rest = divmod(ns, 1_000_000_000)
     return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{rest // 1_000_000:03d}Z"
+
+
+_LABELS: dict[str, dict[str, str]] = {}
+_VERSIONS_MAX = 256
+
+
+def _label(name: str, version: str) -> str:
+    """`browser_label`, one shared copy of each (bounded: the values come from outside)."""
+    by_version = _LABELS.get(name)
+    if by_version is not None:
+        label = by_version.get(version)
+        if label is not None:
+            return label
+    label = browser_label(name, version)
+    if by_version is None and len(_LABELS) < _SHARED_MAX:
+        by_version = _LABELS[name] = {}
+    if by_version is not None and len(by_version) < _VERSIONS_MAX:
+        by_version[version] = label
+    return label
 
 
 _SHARED: dict[str, str] = {}
