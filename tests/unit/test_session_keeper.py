@@ -149,3 +149,17 @@ def test_the_spool_keeps_what_the_last_checkpoint_does_not_cover(tmp_path: Path)
     assert len(spool.segments) == 1
     assert spool.cursors[CONSUMER] == spool.next_seq
     spool.close()
+
+
+def test_a_checkpoint_is_only_needed_after_new_records(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    keeper = SessionKeeper(OPTIONS, spool, sync=True, reorder_ns=REORDER)
+    keeper.start()
+    assert keeper.changed
+    keeper.checkpoint()
+    assert not keeper.changed
+    append(spool, keeper, BATCHES[0])
+    assert keeper.changed
+    keeper.checkpoint()
+    assert not keeper.changed
+    spool.close()

@@ -206,7 +206,8 @@ class Writer:
     async def session_checkpoint_loop(self) -> None:
         while self.sessions is not None:
             await asyncio.sleep(SESSION_CHECKPOINT_SECONDS)
-            self.sessions.checkpoint()
+            if self.sessions.changed:
+                self.sessions.checkpoint()
 
     def start_feeds(self) -> None:
         assert self.spool is not None

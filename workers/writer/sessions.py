@@ -61,6 +61,7 @@ class SessionKeeper:
         self.state = SessionState(self.max_idle_ns)
         self.waiting: list[SessionEvent] = []
         self.cursor = spool.cursors[CONSUMER]
+        self.saved_cursor = -1
         self._latest_ns = 0
 
     # -- start: checkpoint, then the spool after it -------------------------------------------
@@ -147,7 +148,13 @@ class SessionKeeper:
                 out.flush()
                 os.fsync(out.fileno())
         os.replace(temporary, self.path)
+        self.saved_cursor = self.cursor
         self._acknowledge()
+
+    @property
+    def changed(self) -> bool:
+        """Records applied since the last checkpoint."""
+        return self.cursor != self.saved_cursor
 
     def _acknowledge(self) -> None:
         spool = self.spool
