@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -162,4 +163,24 @@ def test_a_checkpoint_is_only_needed_after_new_records(tmp_path: Path) -> None:
     assert keeper.changed
     keeper.checkpoint()
     assert not keeper.changed
+    spool.close()
+
+
+def test_an_unreadable_checkpoint_is_logged_and_the_spool_replayed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = open_spool(tmp_path)
+    keeper = SessionKeeper(OPTIONS, spool, sync=False, reorder_ns=REORDER)
+    keeper.start()
+    for batch in BATCHES[:3]:
+        append(spool, keeper, batch)
+    killed(spool)
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"\x93not a checkpoint")
+    spool = open_spool(tmp_path)
+    again = SessionKeeper(OPTIONS, spool, sync=False, reorder_ns=REORDER)
+    again.start()
+    again.flush()
+    keeper.flush()
+    assert again.state.snapshot(T0 + 10**10) == keeper.state.snapshot(T0 + 10**10)
+    assert "cannot read" in caplog.text
     spool.close()

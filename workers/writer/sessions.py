@@ -87,6 +87,12 @@ class SessionKeeper:
             return
         if saved.cursor > self.spool.next_seq:  # the spool lost records the state has
             log.warning("sessions: the checkpoint is ahead of the spool; keeping its state")
+        elif saved.cursor < self.spool.cursors[CONSUMER]:  # sessions were off meanwhile
+            log.warning(
+                "sessions: spool records %d-%d are gone; the state misses their events",
+                saved.cursor,
+                self.spool.cursors[CONSUMER] - 1,
+            )
         self.state = SessionState.restore(saved.state, self.max_idle_ns)
         self.waiting = saved.waiting
         self._latest_ns = max((e.time_ns for e in self.waiting), default=self.state.clock_ns)
