@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import random
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +75,13 @@ class Story:
         self.config_file = tmp_path / "config.yaml"
         self.config_file.write_text(yaml.safe_dump(self.config_doc))
         self.max_idle_ns = max_idle * SECOND
+        self.write: Callable[[str, bytes], None] = server.write
 
     def send(self, datagrams: list[tuple[int, bytes]]) -> None:
         raw = RawBatch([d for _, d in datagrams], [t for t, _ in datagrams])
         batch = self.pipeline.process_batch(raw)
         assert batch.counters["events"] == len(datagrams)
-        self.server.write(self.db, batch.lines)
+        self.write(self.db, batch.lines)
         for received_ns, data in datagrams:
             event = self.pipeline.event_or_reason(data, received_ns)
             assert isinstance(event, UserEvent)
@@ -196,3 +200,46 @@ def test_unreachable_influxdb_is_one_line(
     config.write_text(yaml.safe_dump({"Butler-SOS": {"influxdbConfig": {"port": 1}}}))
     assert main(["who", "--config", str(config), "--at", "2026-11-29T10:42:00Z"]) == 1
     assert capsys.readouterr().err.startswith("senseflow: who: cannot reach InfluxDB")
+
+
+class AuthInfluxServer(InfluxServer):
+    """influxd with authentication on (the session's test server runs without)."""
+
+    def _config_text(self) -> str:
+        return super()._config_text().replace("auth-enabled = false", "auth-enabled = true")
+
+
+def as_admin(server: InfluxServer, path: str, params: dict[str, str], body: bytes) -> None:
+    query = urllib.parse.urlencode({"u": "admin", "p": "adm1n", **params})
+    request = urllib.request.Request(f"{server.url}{path}?{query}", data=body, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert answer.status in (200, 204)
+
+
+def test_who_reads_with_credentials(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with AuthInfluxServer(tmp_path / "influxd") as server:
+        server.query("CREATE USER admin WITH PASSWORD 'adm1n' WITH ALL PRIVILEGES")
+        for statement in (
+            "CREATE DATABASE sense",
+            "CREATE USER reader WITH PASSWORD 'rëad:er'",
+            "GRANT READ ON sense TO reader",
+        ):
+            as_admin(server, "/query", {"q": statement}, b"")
+        story = Story(server, "sense", 3600, tmp_path)
+        story.write = lambda db, lines: as_admin(
+            server, "/write", {"db": db, "precision": "ns"}, lines
+        )
+        story.send([(T0, datagram("Start session", "SENSE1", USERS[1]))])
+        at = T0 + SECOND
+        for password, code in (("rëad:er", 0), ("wrong", 1)):
+            auth = {"enable": True, "username": "reader", "password": password}
+            story.config_doc["Butler-SOS"]["influxdbConfig"]["v1Config"]["auth"] = auth
+            story.config_file.write_text(yaml.safe_dump(story.config_doc))
+            args = ["who", "--config", str(story.config_file), "--at", iso_time(at), "--json"]
+            assert main(args) == code
+            out, err = capsys.readouterr()
+            if code == 0:
+                assert json.loads(out) == story.truth(at)
+            else:
+                where = f"{server.host}:{server.port}"
+                assert err == f"senseflow: who: InfluxDB at {where} answered 401\n"
