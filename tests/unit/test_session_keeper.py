@@ -70,16 +70,20 @@ def killed(spool: Spool) -> None:
 
 
 def test_worker_output_carries_each_events_session_view() -> None:
-    pipeline = EventPipeline(config_from_document({}, {}), app_names())
-    datagrams = make_corpus(500, seed=3)
-    times = [T0 + i for i in range(500)]
+    """Valid events only: invalid and excluded datagrams never reach the session state."""
+    excluded = {"directory": "lab", "userId": "SA_REPOSITORY"}
+    document = {"Butler-SOS": {"userEvents": {"excludeUser": [excluded]}}}
+    pipeline = EventPipeline(config_from_document(document, {}), app_names())
+    datagrams = make_corpus(2000, seed=3, invalid_share=0.1)
+    times = [T0 + i for i in range(2000)]
     batch = pipeline.process_batch(RawBatch(datagrams, times))
+    assert batch.counters["excluded"] and batch.counters["events"] < 1800
     sent = msgspec.msgpack.decode(batch.sessions, type=list[SessionEvent])
     expected = []
     for data, received_ns in zip(datagrams, times, strict=True):
         event = pipeline.event_or_reason(data, received_ns)
-        assert isinstance(event, UserEvent)
-        expected.append(session_event(event, ACTIONS.index(event.command)))
+        if isinstance(event, UserEvent):
+            expected.append(session_event(event, ACTIONS.index(event.command)))
     assert sent == expected
     off = config_from_document({"senseflow": {"sessions": {"enable": False}}}, {})
     assert EventPipeline(off, app_names()).process_batch(RawBatch(datagrams, times)).sessions == b""
