@@ -128,6 +128,7 @@ class SessionState:
     # -- events ----------------------------------------------------------------------------
 
     def apply(self, event: SessionEvent) -> None:
+        # The writer's per-event cost: the common path (a known user) stays in this frame.
         now = event.time_ns
         if now < self.clock_ns:  # a late event: time does not go back
             now = self.clock_ns
@@ -135,33 +136,47 @@ class SessionState:
             self.clock_ns = now
         if now >= self._next_sweep_ns:
             self.sweep(now)
-        users = self.hosts.get(event.host)
+        host = event.host
+        users = self.hosts.get(host)
+        if users is None:
+            users = self.hosts[host] = {}
         key = f"{event.user_directory}\x00{event.user_id}".casefold()  # user_key, inlined
-        entry = users.pop(key, None) if users is not None else None
+        entry = users.pop(key, None)
         if entry is not None and now - entry.last_seen_ns >= self.max_idle_ns:
-            self._forget(event.host, key, counted=True)
+            self._forget(key, counted=True)
             entry = None
-        action = event.action
         if entry is None:
-            if action == STOP:
-                self.counters[UNMATCHED_STOP] += 1
-                return
-            if action == CLOSE:
-                self.counters[UNMATCHED_CLOSE] += 1
-                return
-            if action == OPEN:
-                self.counters[IMPLICIT_START] += 1
-            entry = UserEntry(event.user_directory, event.user_id, 0, now, now)
-            self._user_hosts[key] = self._user_hosts.get(key, 0) + 1
-            entry.sessions = 1
-            if action == START:
-                self._touch(event.host, key, entry, event, now)
-                return
-        self._change(event, entry, action, now)
-        if entry.sessions:
-            self._touch(event.host, key, entry, event, now)
+            entry = self._begin(event, key, now)
         else:
-            self._forget(event.host, key, counted=False)
+            self._change(event, entry, event.action, now)
+        if entry is not None and entry.sessions:
+            entry.last_seen_ns = now
+            if event.browser_name:
+                entry.browser = _label(event.browser_name, event.browser_major)
+            if event.os_name:
+                entry.os = _label(event.os_name, event.os_version)
+            users[key] = entry  # at the end: the dict stays in last-seen order
+            return
+        if entry is not None:  # its last session stopped
+            self._forget(key, counted=False)
+        if not users:
+            del self.hosts[host]
+
+    def _begin(self, event: SessionEvent, key: str, now: int) -> UserEntry | None:
+        """A user without a session on the host: rules 1-4 from a count of 0."""
+        action = event.action
+        if action == STOP:
+            self.counters[UNMATCHED_STOP] += 1
+            return None
+        if action == CLOSE:
+            self.counters[UNMATCHED_CLOSE] += 1
+            return None
+        entry = UserEntry(event.user_directory, event.user_id, 1, now, now)
+        self._user_hosts[key] = self._user_hosts.get(key, 0) + 1
+        if action == OPEN:
+            self.counters[IMPLICIT_START] += 1
+            self._change(event, entry, OPEN, now)
+        return entry
 
     def _change(self, event: SessionEvent, entry: UserEntry, action: int, now: int) -> None:
         if action == START:
@@ -194,19 +209,8 @@ class SessionState:
             if not entry.apps:
                 entry.apps = None
 
-    def _touch(self, host: str, key: str, entry: UserEntry, event: SessionEvent, now: int) -> None:
-        entry.last_seen_ns = now
-        if event.browser_name:
-            entry.browser = _label(event.browser_name, event.browser_major)
-        if event.os_name:
-            entry.os = _label(event.os_name, event.os_version)
-        users = self.hosts.get(host)
-        if users is None:
-            users = self.hosts[host] = {}
-        users[key] = entry  # at the end: the dict stays in last-seen order
-
-    def _forget(self, host: str, key: str, *, counted: bool) -> None:
-        """Drop `key` (already popped) from `host`."""
+    def _forget(self, key: str, *, counted: bool) -> None:
+        """A user (already popped from a host's dict) leaves that host."""
         if counted:
             self.counters[EXPIRED] += 1
         left = self._user_hosts[key] - 1
@@ -214,8 +218,6 @@ class SessionState:
             self._user_hosts[key] = left
         else:
             del self._user_hosts[key]
-        if not self.hosts[host]:
-            del self.hosts[host]
 
     # -- time ------------------------------------------------------------------------------
 
@@ -232,7 +234,9 @@ class SessionState:
                 stale.append(key)
             for key in stale:
                 del users[key]
-                self._forget(host, key, counted=True)
+                self._forget(key, counted=True)
+            if not users:
+                del self.hosts[host]
 
     # -- counts ----------------------------------------------------------------------------
 
