@@ -18,9 +18,8 @@ from typing import Any
 import msgspec
 
 from shared.events import UserEvent
-from shared.sessionview import iso_time, sessions_document
-
-__all__ = ["iso_time"]  # re-exported: times as the documents show them
+from shared.sessionview import iso_time as iso_time  # re-exported: times as shown
+from shared.sessionview import sessions_document
 
 START, STOP, OPEN, CLOSE = range(4)
 """Action codes, the indexes of `shared.events.ACTIONS`."""
