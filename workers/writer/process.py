@@ -38,6 +38,7 @@ from shared.logs import RateLimitedLog, setup_logging
 from shared.tasks import cancel_all, spawn
 from workers.writer.destinations import enabled_destinations
 from workers.writer.feeds import BatchCache, Feed, read_batch
+from workers.writer.sessions import CONSUMER, SessionKeeper
 from workers.writer.sinks.base import DestinationUnreachable
 from workers.writer.spool import Spool, SpoolWriteError
 from workers.writer.spooldir import destination_identities, spool_directory
@@ -46,6 +47,7 @@ log = logging.getLogger("senseflow.writer")
 
 NAME = "writer"
 DRAIN_TIMEOUT = 60.0
+SESSION_CHECKPOINT_SECONDS = 5.0
 
 
 def run(config: Config, channels: Channels, parent_pid: int, block: object) -> int:
@@ -69,6 +71,7 @@ class Writer:
         self.spool: Spool | None = None
         self.feeds: list[Feed] = []
         self.feed_tasks: list[asyncio.Task[None]] = []
+        self.sessions: SessionKeeper | None = None
         self.drop_log = RateLimitedLog(log)
         self.disk_backoff = Backoff(base=0.5, cap=10.0)
         self.failure: BaseException | None = None
@@ -90,6 +93,7 @@ class Writer:
             return exitcodes.BOOT_FAILURE
         self.count_spool_at_start()
         self.make_feeds()
+        self.start_sessions()
         if not await self.start_sinks():
             return exitcodes.DESTINATION_UNREACHABLE
         self.start_feeds()
@@ -97,6 +101,7 @@ class Writer:
         background = [
             asyncio.create_task(self.report_loop(), name="writer.report"),
             spawn(self.sync_loop(), name="writer.spool-sync"),
+            spawn(self.session_checkpoint_loop(), name="writer.sessions"),
         ]
         await self.consume()
         if self.failure is not None:
@@ -113,14 +118,15 @@ class Writer:
         identities = destination_identities(self.config, self.destination_names)
         directory = spool_directory(self.config, identities)
         try:
+            consumers = [CONSUMER] if self.config.pipeline.sessions.enable else []
             self.spool = Spool(
                 directory,
-                self.destination_names,
+                self.destination_names + consumers,
                 options.max_bytes,
                 options.segment_bytes,
                 options.fsync,
                 self.known_cursors(),
-                identities,
+                identities | {consumer: "" for consumer in consumers},  # writes nowhere
                 options.discard_mismatch,
             )
         except OSError as exc:
@@ -144,12 +150,12 @@ class Writer:
         if not self.counters.has(SPOOLED):
             recovered = {
                 names.recovered(name): sum(spool.events_in(seq) for seq in spool.pending(name))
-                for name in spool.destinations
+                for name in self.destination_names
             }
             damage = {names.DROPPED_SPOOL_CORRUPT: spool.corrupt_records} | {
                 names.spool_mismatch(name): events for name, events in spool.discarded.items()
             }
-            cursors = {names.cursor(name): spool.cursors[name] for name in spool.destinations}
+            cursors = {names.cursor(name): spool.cursors[name] for name in self.destination_names}
             self.counters.commit(recovered | damage, {SPOOLED: spool.next_seq, **cursors})
             return
         for seq in range(self.counters.get(SPOOLED), spool.next_seq):
@@ -167,6 +173,20 @@ class Writer:
             Feed(d, self.config, self.spool, self.cache, self.counters, self.delivery.delivered)
             for d in self.destinations
         ]
+
+    def start_sessions(self) -> None:
+        """The session state: its checkpoint, then the spooled batches after it."""
+        if self.spool is None or not self.config.pipeline.sessions.enable:
+            return
+        sync = self.config.pipeline.spool.fsync != "never"
+        self.sessions = SessionKeeper(self.config.pipeline.sessions, self.spool, sync=sync)
+        self.sessions.start()
+
+    async def session_checkpoint_loop(self) -> None:
+        while self.sessions is not None:
+            await asyncio.sleep(SESSION_CHECKPOINT_SECONDS)
+            if self.sessions.changed:
+                self.sessions.checkpoint()
 
     def start_feeds(self) -> None:
         for feed in self.feeds:
@@ -273,6 +293,8 @@ class Writer:
     def spool_batch(self, item: bytes, batch: EncodedBatch) -> int:
         assert self.spool is not None
         seq = self.spool.append(item, len(batch.received_ns))
+        if self.sessions is not None:
+            self.sessions.add(seq, batch)
         self.cache.put(seq, batch)
         for feed in self.feeds:
             feed.wake.set()
@@ -280,6 +302,8 @@ class Writer:
 
     def enforce_spool_limit(self) -> None:
         assert self.spool is not None
+        if self.sessions is not None and self.spool.over_limit():
+            self.sessions.checkpoint()  # the session state never holds records back
         while self.spool.over_limit():
             dropped = self.spool.drop_oldest_segment()
             if not dropped:
@@ -322,6 +346,9 @@ class Writer:
                 await asyncio.wait_for(feed.sink.close(), 1.0)
         for feed in self.feeds:
             feed.give_up_handed()  # no longer in the spool, and now not delivered either
+        if self.sessions is not None:
+            self.sessions.flush()
+            self.sessions.checkpoint()
         if self.spool is not None:
             self.spool.close()
         log.info("writer drained in %.2fs", time.monotonic() - started)
