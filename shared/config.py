@@ -330,6 +330,8 @@ class Pipeline(Own, frozen=True):
     qrs_server_name: str = ""
     """The name the QRS server's certificate must show ('' : `appNames.hostIP` itself)."""
     """Send to an `http://` New Relic event URL (API keys in clear): only for a local proxy."""
+    influx_inflight: int = 2
+    """InfluxDB writes in flight at once; acknowledged to the spool in order all the same."""
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -416,6 +418,7 @@ def check_semantics(config: Config) -> list[str]:
         "ua_cache_size",
         "pending_events",
         "rate_limit_max_sources",
+        "influx_inflight",
     ):
         value = getattr(pipe, name)
         if value < 1:
