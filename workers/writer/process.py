@@ -47,6 +47,7 @@ from workers.writer.feeds import (
 from workers.writer.sinks.base import DestinationUnreachable, Sink
 from workers.writer.spool import Spool, SpoolWriteError
 from workers.writer.spooldir import destination_identities, spool_directory
+from workers.writer.spoolsync import sync_while_changing
 
 log = logging.getLogger("senseflow.writer")
 
@@ -219,13 +220,12 @@ class Writer:
             self.feed_tasks.append(spawn(feed.run(), name=f"writer.feed.{feed.name}"))
 
     async def sync_loop(self) -> None:
-        """fsync (policy `interval`) and save the cursors to disk, on the fsync timer."""
+        """fsync (policy `interval`) and save the cursors to disk, on the fsync timer while
+        the spool changes."""
         options = self.config.pipeline.spool
         if self.spool is None:
             return
-        while True:
-            await asyncio.sleep(options.fsync_interval / 1000)
-            self.spool.sync()
+        await sync_while_changing(self.spool, options.fsync_interval / 1000)
 
     async def start_sinks(self) -> bool:
         """Reach every destination; with onUnreachable=wait, keep trying until it works."""
