@@ -332,6 +332,9 @@ class Pipeline(Own, frozen=True):
     """Send to an `http://` New Relic event URL (API keys in clear): only for a local proxy."""
     influx_inflight: int = 2
     """InfluxDB writes in flight at once; acknowledged to the spool in order all the same."""
+    influx_min_write_interval: int = 50
+    """ms between InfluxDB writes of partial batches (a full one goes at once); at most
+    `flush_interval`. The first events after a quiet spell go at once."""
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -419,6 +422,7 @@ def check_semantics(config: Config) -> list[str]:
         "pending_events",
         "rate_limit_max_sources",
         "influx_inflight",
+        "influx_min_write_interval",
     ):
         value = getattr(pipe, name)
         if value < 1:

@@ -15,8 +15,8 @@ from shared.backoff import Backoff
 from shared.config import Config, ConfigError, config_from_document
 from shared.counters import Counters
 from shared.events import EncodedBatch
-from workers.writer.sinks.base import Ack
-from workers.writer.sinks.influx import InfluxSink, WriteFailed
+from workers.writer.sinks.base import Ack, ChunkQueue
+from workers.writer.sinks.influx import Chunk, InfluxSink, WriteFailed
 
 WAIT = 10.0  # upper bound for anything awaited; tests finish far sooner
 
@@ -55,10 +55,12 @@ class FakeTransport:
         return [body for body, answer in self.writes if not answer.done()]
 
 
-def config(inflight: int | None = None, batch_size: int = 2) -> Config:
+def config(inflight: int | None = None, batch_size: int = 2, gap: int | None = None) -> Config:
     own: dict[str, Any] = {"batchSize": batch_size, "flushInterval": 60_000}
     if inflight is not None:
         own["influxInflight"] = inflight
+    if gap is not None:
+        own["influxMinWriteInterval"] = gap
     influx = {"enable": True, "host": "127.0.0.1", "port": 1, "version": 1}
     document = {"Butler-SOS": {"influxdbConfig": influx}, "senseflow": own}
     return config_from_document(document, {})
@@ -98,9 +100,20 @@ class Acks:
 Scenario = Callable[[InfluxSink, FakeTransport, Acks], Awaitable[None]]
 
 
-def run(scenario: Scenario, cfg: Config | None = None) -> None:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(scenario: Scenario, cfg: Config | None = None, clock: Clock | None = None) -> None:
     async def main() -> None:
         sink = InfluxSink(cfg or config(), Counters())
+        if clock is not None:
+            sink.chunks = ChunkQueue(Chunk, clock)
+            sink.chunks.serial_through = 1
         transport = FakeTransport()
         sink.transport = transport
         sink.backoff = Backoff(base=0.001, cap=0.001)
@@ -209,6 +222,40 @@ def test_while_every_slot_is_busy_arrivals_gather_into_the_next_write() -> None:
     run(scenario, config(batch_size=1000))
 
 
+def test_partial_batches_go_no_sooner_than_the_min_write_interval_full_ones_at_once() -> None:
+    clock = Clock()
+
+    async def scenario(sink: InfluxSink, transport: FakeTransport, acks: Acks) -> None:
+        await sink.write_batch(batch(0), seq=0)  # after a quiet spell: at once
+        await transport.wait_writes(1)
+        transport.answer(0)
+        await acks.wait(1)
+
+        clock.now += 0.999
+        await sink.write_batch(batch(1), seq=1)
+        await let_run()
+        assert len(transport.writes) == 1  # 1 ms of the 1 s interval left, a slot free
+
+        await sink.write_batch(batch(2, 3), seq=2)  # now 3 events: a full chunk
+        await transport.wait_writes(2)
+        assert transport.writes[1][0] == line(1) + line(2) + line(3)
+        transport.answer(1)
+        await acks.wait(3)
+
+        clock.now += 0.5
+        await sink.write_batch(batch(4), seq=3)
+        await let_run()
+        assert len(transport.writes) == 2
+        clock.now += 0.5  # the interval is over: the next wake-up sends it
+        sink.chunks.wake.set()
+        await transport.wait_writes(3)
+        assert transport.writes[2][0] == line(4)
+        transport.answer(2)
+        await acks.wait(4)
+
+    run(scenario, config(batch_size=3, gap=1000), clock)
+
+
 def test_influx_inflight_1_keeps_one_write_in_flight() -> None:
     async def scenario(sink: InfluxSink, transport: FakeTransport, acks: Acks) -> None:
         await warm_up(sink, transport, acks)
@@ -230,3 +277,5 @@ def test_influx_inflight_must_be_at_least_1() -> None:
     with pytest.raises(ConfigError, match=r"senseflow\.influxInflight: expected an integer >= 1"):
         config(inflight=0)
     assert config().pipeline.influx_inflight == 2
+    with pytest.raises(ConfigError, match=r"influxMinWriteInterval: expected an integer >= 1"):
+        config(gap=0)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
@@ -90,8 +93,12 @@ class ChunkQueue(Generic[C]):
     `flush()` waits until everything taken so far is done. `pending` counts the events in
     it, for the owner's bound."""
 
-    def __init__(self, new_chunk: Callable[[], C]) -> None:
+    def __init__(
+        self, new_chunk: Callable[[], C], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.new_chunk = new_chunk
+        self.clock = clock
+        self.last_take = -math.inf
         self.current = new_chunk()
         self.ready: deque[C] = deque()
         self.taken: deque[list[Any]] = deque()  # [chunk, result or NOT_FINISHED], in order
@@ -122,24 +129,36 @@ class ChunkQueue(Generic[C]):
         self.pending -= chunk.count
         return chunk
 
-    async def take(self) -> C:
-        while not self._can_take():
+    async def take(self, gap: float = 0.0) -> C:
+        """The next chunk; the one being filled only `gap` seconds after the last take
+        (a full or flushed chunk at once), so that a trickle of events is not one write
+        each. No timer runs while nothing waits."""
+        while (wait := self._wait_before_take(gap)) != 0.0:
             if not self.taken:
                 self.idle.set()
             self.wake.clear()
-            await self.wake.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self.wake.wait()
         self.idle.clear()
         if not self.ready:
             self.cut()
         chunk = self.ready.popleft()
         self.takes += 1
+        self.last_take = self.clock()
         self.taken.append([chunk, NOT_FINISHED])
         return chunk
 
-    def _can_take(self) -> bool:
-        waiting = bool(self.ready) or self.current.count > 0
+    def _wait_before_take(self, gap: float) -> float | None:
+        """0.0: take now; else seconds to wait (None: until woken)."""
         first_in_flight = self.takes - len(self.taken) + 1
-        return waiting and (not self.taken or first_in_flight > self.serial_through)
+        if self.taken and first_in_flight <= self.serial_through:
+            return None
+        if self.ready:
+            return 0.0
+        if not self.current.count:
+            return None
+        return max(0.0, self.last_take + gap - self.clock())
 
     def one_at_a_time(self) -> None:
         """The chunks waiting now, the one being filled included, are taken one at a time."""

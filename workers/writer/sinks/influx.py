@@ -282,6 +282,7 @@ class InfluxSink:
         self.batch_size = pipe.batch_size
         self.max_pending = max(pipe.pending_events, self.batch_size * 2)
         self.inflight = pipe.influx_inflight
+        self.write_gap = min(pipe.influx_min_write_interval, pipe.flush_interval) / 1000
         self.chunks = ChunkQueue(Chunk)
         # The first chunk alone; after a failure, what waits behind it goes one at a time
         # in order (InfluxDB may be struggling), then two at a time again.
@@ -317,12 +318,13 @@ class InfluxSink:
             chunks.cut()
 
     async def _send_loop(self) -> None:
-        """One write slot. Partial chunks go out as soon as a slot is free, so no timer:
-        while every slot is busy, what arrives gathers into the next chunk (up to
-        `batchSize`). Acknowledgements leave in the order the chunks were taken."""
+        """One write slot. A partial chunk goes out as soon as a slot is free, but not
+        sooner than `write_gap` after the previous write began, so no timer runs without
+        traffic; while every slot is busy, what arrives gathers into the next chunk (up
+        to `batchSize`). Acknowledgements leave in the order the chunks were taken."""
         chunks = self.chunks
         while True:
-            chunk = await chunks.take()
+            chunk = await chunks.take(self.write_gap)
             failed = await self._deliver(chunk.lines, chunk.received_ns)
             finished = chunks.finish(chunk, failed)
             if finished:
