@@ -85,7 +85,8 @@ class ChunkQueue(Generic[C]):
     Events go into `current` until the owner `cut()`s it (full, or on its flush timer).
     One sender takes `await next()`, which stays first in `ready` while it is delivered,
     then `done()`. Several senders instead `await take()` (which also cuts `current` when
-    nothing is ready: a free sender sends what waits) and `finish()` each chunk, which
+    nothing is ready: a free sender sends what waits, `gap` after the previous take at
+    the earliest) and `finish()` each chunk, which
     hands back the finished chunks in order: a chunk finished early waits for those taken
     before it. Chunks numbered up to `serial_through` (1 is the first cut) go alone:
     taken only when none is in flight, and nothing is taken while one is
