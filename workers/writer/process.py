@@ -21,7 +21,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import uvloop
@@ -32,7 +31,14 @@ from shared.config import Config
 from shared.counters import Counting, SharedCounters
 from shared.delivery import make_tracker
 from shared.events import ENCODED_DECODER, EncodedBatch
-from shared.ipc import REPORT_INTERVAL, STOP, Channels, report, start_parent_watch
+from shared.ipc import (
+    REPORT_INTERVAL,
+    STOP,
+    Channels,
+    MessageChannel,
+    report,
+    start_parent_watch,
+)
 from shared.logs import RateLimitedLog, setup_logging
 from shared.tasks import cancel_all, spawn
 from workers.writer.feeds import (
@@ -112,8 +118,9 @@ class Writer:
         self.counters = counters
         self.delivery = make_tracker(config, destination_names(config), self.counters)
         self.sinks = make_sinks(config, self.counters, self.delivery.delivered)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="writer-input")
         self.orphan = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.woken: asyncio.Future[None] | None = None  # consume() waits for input
         self.cache = BatchCache()
         self.spool: Spool | None = None
         self.feeds: list[Feed] = []
@@ -123,7 +130,11 @@ class Writer:
         self.failure: BaseException | None = None
 
     def orphaned(self) -> None:
+        """Called in the parent watch's thread."""
         self.orphan = True
+        if self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed already
+                self.loop.call_soon_threadsafe(self.wake_up)
 
     def on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """A background task died: log why and stop; the supervisor restarts us and the
@@ -132,6 +143,7 @@ class Writer:
         log.error("%s", context.get("message"), exc_info=error)
         if self.failure is None:
             self.failure = error or RuntimeError(str(context.get("message")))
+        self.wake_up()
 
     async def serve(self) -> int:
         asyncio.get_running_loop().set_exception_handler(self.on_loop_error)
@@ -246,12 +258,14 @@ class Writer:
         return True
 
     async def consume(self) -> None:
-        loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         channel = self.channels.encoded
         while not self.orphan and self.failure is None:
-            item = await loop.run_in_executor(self.executor, channel.peek, 0.2)
+            item = channel.peek(0)
             if item is None:
+                await self.input_or_wake_up(channel)
                 continue
+            await asyncio.sleep(0)  # the feeds and sinks run between two batches
             if item != STOP:
                 try:
                     self.take(item)
@@ -262,6 +276,22 @@ class Writer:
             channel.discard_next()  # only now: spooled and counted
             if item == STOP:
                 return
+
+    async def input_or_wake_up(self, channel: MessageChannel) -> None:
+        """Until the channel holds a message, or `wake_up()`: no polling while idle."""
+        loop = asyncio.get_running_loop()
+        self.woken = woken = loop.create_future()
+        loop.add_reader(channel.fileno(), self.wake_up)
+        try:
+            await woken
+        finally:
+            loop.remove_reader(channel.fileno())
+            self.woken = None
+
+    def wake_up(self) -> None:
+        """In the loop's thread: `consume` looks at the channel and its exit conditions."""
+        if self.woken is not None and not self.woken.done():
+            self.woken.set_result(None)
 
     async def wait_for_disk(self, error: SpoolWriteError) -> None:
         """The spool could not append (disk full...): count, say so, retry later; the
@@ -368,7 +398,6 @@ class Writer:
         if self.spool is not None:
             self.spool.close()
         log.info("writer drained in %.2fs", time.monotonic() - started)
-        self.executor.shutdown(wait=False)
 
     @staticmethod
     async def deliver_all(feed: Feed) -> None:
