@@ -31,14 +31,7 @@ from shared.config import Config
 from shared.counters import Counting, SharedCounters
 from shared.delivery import make_tracker
 from shared.events import ENCODED_DECODER, EncodedBatch
-from shared.ipc import (
-    REPORT_INTERVAL,
-    STOP,
-    Channels,
-    MessageChannel,
-    report,
-    start_parent_watch,
-)
+from shared.ipc import REPORT_INTERVAL, STOP, Channels, report, start_parent_watch
 from shared.logs import RateLimitedLog, setup_logging
 from shared.tasks import cancel_all, spawn
 from workers.writer.feeds import (
@@ -263,7 +256,7 @@ class Writer:
         while not self.orphan and self.failure is None:
             item = channel.peek(0)
             if item is None:
-                await self.input_or_wake_up(channel)
+                await self.input_or_wake_up(channel.fileno())
                 continue
             await asyncio.sleep(0)  # the feeds and sinks run between two batches
             if item != STOP:
@@ -277,15 +270,15 @@ class Writer:
             if item == STOP:
                 return
 
-    async def input_or_wake_up(self, channel: MessageChannel) -> None:
-        """Until the channel holds a message, or `wake_up()`: no polling while idle."""
+    async def input_or_wake_up(self, channel: int) -> None:
+        """Until the channel (its fileno) holds a message, or `wake_up()`: no polling."""
         loop = asyncio.get_running_loop()
         self.woken = woken = loop.create_future()
-        loop.add_reader(channel.fileno(), self.wake_up)
+        loop.add_reader(channel, self.wake_up)
         try:
             await woken
         finally:
-            loop.remove_reader(channel.fileno())
+            loop.remove_reader(channel)
             self.woken = None
 
     def wake_up(self) -> None:
