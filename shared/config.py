@@ -349,6 +349,11 @@ class Pipeline(Own, frozen=True):
     qrs_server_name: str = ""
     """The name the QRS server's certificate must show ('' : `appNames.hostIP` itself)."""
     sessions: SessionOptions = SessionOptions()
+    influx_inflight: int = 2
+    """InfluxDB writes in flight at once; acknowledged to the spool in order all the same."""
+    influx_min_write_interval: int = 50
+    """ms between InfluxDB writes of partial batches (a full one goes at once); at most
+    `flush_interval`. The first events after a quiet spell go at once."""
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -435,6 +440,8 @@ def check_semantics(config: Config) -> list[str]:
         "ua_cache_size",
         "pending_events",
         "rate_limit_max_sources",
+        "influx_inflight",
+        "influx_min_write_interval",
     ):
         value = getattr(pipe, name)
         if value < 1:

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import uvloop
@@ -42,6 +41,7 @@ from workers.writer.sessions import CONSUMER, SessionKeeper
 from workers.writer.sinks.base import DestinationUnreachable
 from workers.writer.spool import Spool, SpoolWriteError
 from workers.writer.spooldir import destination_identities, spool_directory
+from workers.writer.spoolsync import sync_while_changing
 
 log = logging.getLogger("senseflow.writer")
 
@@ -65,8 +65,9 @@ class Writer:
         self.destinations = enabled_destinations(config)
         self.destination_names = [destination.name for destination in self.destinations]
         self.delivery = make_tracker(config, self.destination_names, self.counters)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="writer-input")
         self.orphan = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.woken: asyncio.Future[None] | None = None  # consume() waits for input
         self.cache = BatchCache()
         self.spool: Spool | None = None
         self.feeds: list[Feed] = []
@@ -77,7 +78,11 @@ class Writer:
         self.failure: BaseException | None = None
 
     def orphaned(self) -> None:
+        """Called in the parent watch's thread."""
         self.orphan = True
+        if self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed already
+                self.loop.call_soon_threadsafe(self.wake_up)
 
     def on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """A background task died: log why and stop; the supervisor restarts us and the
@@ -86,6 +91,7 @@ class Writer:
         log.error("%s", context.get("message"), exc_info=error)
         if self.failure is None:
             self.failure = error or RuntimeError(str(context.get("message")))
+        self.wake_up()
 
     async def serve(self) -> int:
         asyncio.get_running_loop().set_exception_handler(self.on_loop_error)
@@ -195,13 +201,12 @@ class Writer:
             self.feed_tasks.append(spawn(feed.run(), name=f"writer.feed.{feed.name}"))
 
     async def sync_loop(self) -> None:
-        """fsync (policy `interval`) and save the cursors to disk, on the fsync timer."""
+        """fsync (policy `interval`) and save the cursors to disk, on the fsync timer while
+        the spool changes."""
         options = self.config.pipeline.spool
         if self.spool is None:
             return
-        while True:
-            await asyncio.sleep(options.fsync_interval / 1000)
-            self.spool.sync()
+        await sync_while_changing(self.spool, options.fsync_interval / 1000)
 
     async def start_sinks(self) -> bool:
         """Reach every destination; with onUnreachable=wait, keep trying until it works."""
@@ -222,12 +227,14 @@ class Writer:
         return True
 
     async def consume(self) -> None:
-        loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         channel = self.channels.encoded
         while not self.orphan and self.failure is None:
-            item = await loop.run_in_executor(self.executor, channel.peek, 0.2)
+            item = channel.peek(0)
             if item is None:
+                await self.input_or_wake_up(channel.fileno())
                 continue
+            await asyncio.sleep(0)  # the feeds and sinks run between two batches
             if item != STOP:
                 try:
                     self.take(item)
@@ -238,6 +245,22 @@ class Writer:
             channel.discard_next()  # only now: spooled and counted
             if item == STOP:
                 return
+
+    async def input_or_wake_up(self, channel: int) -> None:
+        """Until the channel (its fileno) holds a message, or `wake_up()`: no polling."""
+        loop = asyncio.get_running_loop()
+        self.woken = woken = loop.create_future()
+        loop.add_reader(channel, self.wake_up)
+        try:
+            await woken
+        finally:
+            loop.remove_reader(channel)
+            self.woken = None
+
+    def wake_up(self) -> None:
+        """In the loop's thread: `consume` looks at the channel and its exit conditions."""
+        if self.woken is not None and not self.woken.done():
+            self.woken.set_result(None)
 
     async def wait_for_disk(self, error: SpoolWriteError) -> None:
         """The spool could not append (disk full...): count, say so, retry later; the
@@ -352,7 +375,6 @@ class Writer:
         if self.spool is not None:
             self.spool.close()
         log.info("writer drained in %.2fs", time.monotonic() - started)
-        self.executor.shutdown(wait=False)
 
     @staticmethod
     async def deliver_all(feed: Feed) -> None:
