@@ -189,6 +189,8 @@ def build_variants(events: int, seed: int) -> tuple[list[Variant], dict[str, Any
     # itself; a cache size of 0 (set behind the config's back) never stores: every miss.
     uncached = EventPipeline(make_config(1), names)
     uncached.enricher.user_agents._cache_size = 0
+    no_sessions = EventPipeline(make_config(4096), names)
+    no_sessions.to_sessions = False  # what live sessions (senseflow.sessions) add per event
 
     # Check the setup before timing anything.
     assert warm.to_influx and warm.to_mqtt and warm.to_newrelic, "a destination is off"
@@ -232,6 +234,7 @@ def build_variants(events: int, seed: int) -> tuple[list[Variant], dict[str, Any
     variants = [
         Variant("batch warm", batches_with(warm), events),
         Variant("batch warm, gc on", batches_with(warm), events, gc_off=False),
+        Variant("batch warm, sessions off", batches_with(no_sessions), events),
         Variant("batch UA cache size 1", batches_with(cold), events),
         Variant("batch UA cache off", batches_with(uncached), events),
         Variant("parse", parse_only, events),

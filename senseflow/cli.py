@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_command(commands)
     add_send_command(commands)
     add_operator_commands(commands)
+    add_who_command(commands)
     return parser
 
 
@@ -144,6 +145,12 @@ def add_operator_commands(commands: Any) -> None:
 
     add_appender_xml_command(commands)
     add_check_config_command(commands)
+
+
+def add_who_command(commands: Any) -> None:
+    from senseflow.commands.who import add_who_command as add
+
+    add(commands)
 
 
 def add_send_command(commands: Any) -> None:

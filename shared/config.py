@@ -323,6 +323,21 @@ class HttpOptions(Own, frozen=True):
     request_timeout: float = 10.0
 
 
+class SessionOptions(Own, frozen=True):
+    """Live sessions derived from the events (SPEC 3a, shared/sessions.py)."""
+
+    enable: bool = True
+    max_idle: int = 86_400
+    """Seconds without an event after which a user is removed from a host."""
+    snapshot_interval: int = 30
+    """Seconds between session snapshots written to InfluxDB."""
+    virtual_proxy: str = "events"
+    """`user_session_virtual_proxy` tag value: events do not carry the virtual proxy."""
+    mqtt_topic: str = ""
+    """Retained per-host summaries go to `<mqttTopic>/<host>`; '' means
+    `<everythingTopic>/sessions`."""
+
+
 class Pipeline(Own, frozen=True):
     """Pipeline tuning, the `senseflow` section; CLI flags override these."""
 
@@ -361,11 +376,17 @@ class Pipeline(Own, frozen=True):
     rate_limit_max_sources: int = 1024
     """Source addresses the UDP rate limit tracks at once (each gets its fair share)."""
     new_relic_allow_http: bool = False
+    """Send to an `http://` New Relic event URL (API keys in clear): only for a local proxy."""
     influx_tls: InfluxTls = InfluxTls()
     qrs_server_name: str = ""
-    nats: NatsOptions = NatsOptions()
     """The name the QRS server's certificate must show ('' : `appNames.hostIP` itself)."""
-    """Send to an `http://` New Relic event URL (API keys in clear): only for a local proxy."""
+    sessions: SessionOptions = SessionOptions()
+    influx_inflight: int = 2
+    """InfluxDB writes in flight at once; acknowledged to the spool in order all the same."""
+    influx_min_write_interval: int = 50
+    """ms between InfluxDB writes of partial batches (a full one goes at once); at most
+    `flush_interval`. The first events after a quiet spell go at once."""
+    nats: NatsOptions = NatsOptions()
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -452,6 +473,8 @@ def check_semantics(config: Config) -> list[str]:
         "ua_cache_size",
         "pending_events",
         "rate_limit_max_sources",
+        "influx_inflight",
+        "influx_min_write_interval",
     ):
         value = getattr(pipe, name)
         if value < 1:
@@ -474,6 +497,7 @@ def check_semantics(config: Config) -> list[str]:
     problems.extend(_check_heartbeat(pipe))
     problems.extend(_check_app_names(config.butler))
     problems.extend(_check_mqtt(config))
+    problems.extend(_check_sessions(pipe.sessions))
     problems.extend(_check_nats(config.pipeline.nats))
     return problems
 
@@ -489,6 +513,14 @@ def _check_heartbeat(pipe: Pipeline) -> list[str]:
     return [
         f"{OWN_SECTION}.heartbeatTimeout: expected 0 (off) or at least "
         f"{MIN_HEARTBEAT_TIMEOUT:g} seconds, found {timeout:g}"
+    ]
+
+
+def _check_sessions(sessions: SessionOptions) -> list[str]:
+    return [
+        f"{OWN_SECTION}.sessions.{_camel(name)}: expected seconds >= 1, found {value}"
+        for name in ("max_idle", "snapshot_interval")
+        if (value := getattr(sessions, name)) < 1
     ]
 
 

@@ -61,6 +61,8 @@ class EncodedBatch(msgspec.Struct, array_like=True, gc=False, tag=1):
     `worker` and `number` say which worker sent it and its place in that worker's sends
     (consecutive, carried on across restarts of the worker); `datagrams` is how many
     datagrams it accounts for (events + invalid + excluded).
+    `sessions` is a msgpack array of `shared.sessions.SessionEvent` arrays, one per event
+    (b"" when live sessions are off), for the writer's session state.
     """
 
     lines: bytes
@@ -72,6 +74,7 @@ class EncodedBatch(msgspec.Struct, array_like=True, gc=False, tag=1):
     worker: int = -1
     number: int = 0
     datagrams: int = 0
+    sessions: bytes = b""
 
 
 class Fence(msgspec.Struct, array_like=True, gc=False, tag=2):
@@ -97,6 +100,7 @@ class _UntaggedBatch(msgspec.Struct, array_like=True, gc=False):
     number: int = 0
     datagrams: int = 0
     fence: bool = False
+    sessions: bytes = b""
 
 
 def decode_spooled(record: bytes) -> EncodedBatch:

@@ -117,6 +117,10 @@ class MessageChannel:
                 return None
             _wait(self._recv, select.POLLIN, remaining)
 
+    def fileno(self) -> int:
+        """The receiving socket, for an event loop to wait on (`loop.add_reader`)."""
+        return self._recv.fileno()
+
     def discard_next(self) -> None:
         """Drop the message `peek` returned (a one-byte read discards the rest of a datagram)."""
         self._recv.recv(1, socket.MSG_DONTWAIT)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import msgspec
+
 from shared.config import Config
 from shared.counternames import EVENTS, EXCLUDED, INVALID_PREFIX
 from shared.events import ACTIONS, EncodedBatch, RawBatch, UserEvent
@@ -36,6 +38,8 @@ class EventPipeline:
         self.to_newrelic = "newrelic" in needed
         self.encoders = self._encoders()
         self.event_counts = EventCounts() if event_counts_enabled(config) else None
+        self.to_sessions = config.pipeline.sessions.enable
+        self._msgpack = msgspec.msgpack.Encoder()
 
     def set_app_names(self, app_names: Mapping[str, str]) -> None:
         self.enricher.app_names = app_names
@@ -67,6 +71,7 @@ class EventPipeline:
         is_excluded = self.enricher.is_excluded if self.enricher.excluded else None
         to_line, to_mqtt, to_newrelic = self.encoders
         counts = self.event_counts
+        sessions: list[tuple[object, ...]] | None = [] if self.to_sessions else None
         if counts is not None:
             counts.begin()
         for data, received_ns in zip(raw.datagrams, raw.received_ns, strict=True):
@@ -90,6 +95,22 @@ class EventPipeline:
                 actions.append(_ACTION_INDEX[event.command])
             if to_newrelic is not None:
                 newrelic.append(to_newrelic(event))
+            if sessions is not None:  # as shared.sessions.SessionEvent, without building one
+                sessions.append(
+                    (
+                        received_ns,
+                        _ACTION_INDEX[event.command],
+                        event.host,
+                        event.user_directory,
+                        event.user_id,
+                        event.app_id,
+                        event.app_name,
+                        event.ua_browser_name,
+                        event.ua_browser_major,
+                        event.ua_os_name,
+                        event.ua_os_version,
+                    )
+                )
         counters[EVENTS] = len(received)
         return EncodedBatch(
             lines="".join(lines).encode(),
@@ -98,6 +119,7 @@ class EventPipeline:
             newrelic=newrelic,
             received_ns=received,
             counters=counters,
+            sessions=self._msgpack.encode(sessions) if sessions else b"",
         )
 
     def _encoders(self) -> _Encoders:

@@ -257,6 +257,22 @@ def reference_newrelic(
 # -- the reference: a whole batch -------------------------------------------------------------
 
 
+def reference_session(event: UserEvent) -> list[Any]:
+    return [
+        event.received_ns,
+        ACTIONS.index(event.command),
+        event.host,
+        event.user_directory,
+        event.user_id,
+        event.app_id,
+        event.app_name,
+        event.ua_browser_name,
+        event.ua_browser_major,
+        event.ua_os_name,
+        event.ua_os_version,
+    ]
+
+
 class Reference:
     """The reference pipeline for one configuration document."""
 
@@ -284,6 +300,7 @@ class Reference:
     def batch(self, raw: RawBatch) -> EncodedBatch:
         out = EncodedBatch(b"", [], b"", [], [], {})
         lines = []
+        sessions = []  # SPEC 3a: what the writer's session state needs, per event
         for data, received_ns in zip(raw.datagrams, raw.received_ns, strict=True):
             event = self.event(data, received_ns)
             if isinstance(event, str):
@@ -295,8 +312,10 @@ class Reference:
             out.mqtt_payloads.append(reference_mqtt(event, self.tags))
             out.actions += bytes([ACTIONS.index(event.command)])
             out.newrelic.append(reference_newrelic(event, self.tags, self.static, self.scramble))
+            sessions.append(reference_session(event))
         out.counters["events"] = len(out.received_ns)
         out.lines = "".join(lines).encode()
+        out.sessions = msgspec.msgpack.encode(sessions) if sessions else b""
         return out
 
     def event_counts(self, raw: RawBatch) -> dict[tuple[str, str, str], int]:

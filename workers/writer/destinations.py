@@ -10,6 +10,8 @@ A record says what the rest of the code needs to know about a destination:
   output travels in the `EncodedBatch` field of the same purpose);
 - `sink()`: its sink class (imported only when called: only the writer and `check-config`
   load sink code), built as `sink(config, counters, on_ack)`;
+- `identity(config)`: what it writes to (server, database, topics, accounts), recorded in
+  every spool segment so that a backlog is never replayed into another target;
 - `probe` and `describe(config)`: how `check-config` tries it. "sink" starts its sink and
   closes it again, then prints `describe(config)`; "influx-write" pings and writes an
   empty body with the control plane's InfluxDB client (never creating the database, which
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from shared.config import Config
 from shared.counters import Counting
+from shared.tls import scheme
 
 if TYPE_CHECKING:
     from workers.writer.sinks.base import Acknowledge, Sink
@@ -45,6 +48,7 @@ class Destination:
     enabled: Callable[[Config], bool]
     encoder: Literal["line", "mqtt", "newrelic"]
     sink: Callable[[], SinkFactory]
+    identity: Callable[[Config], str]
     probe: Literal["sink", "influx-write"] = "sink"
     describe: Callable[[Config], str] | None = None
 
@@ -81,6 +85,11 @@ def _describe_nats(config: Config) -> str:
     )
 
 
+def _nats_identity(config: Config) -> str:
+    nats = config.pipeline.nats
+    return f"nats stream={nats.stream} subjects={nats.subject_prefix}.>"
+
+
 def _describe_mqtt(config: Config) -> str:
     broker = config.butler.mqtt_config
     return f"MQTT broker {broker.broker_host}:{broker.broker_port} accepted our CONNECT"
@@ -95,6 +104,38 @@ def _describe_newrelic(config: Config) -> str:
     )
 
 
+def _influx_identity(config: Config) -> str:
+    influx = config.butler.influxdb_config
+    server = f"{scheme(config.pipeline.influx_tls)}://{influx.host}:{influx.port}"
+    target = {
+        1: f"v1 db={influx.v1_config.db_name} rp={influx.v1_config.retention_policy.name}",
+        2: f"v2 org={influx.v2_config.org} bucket={influx.v2_config.bucket}",
+        3: f"v3 database={influx.v3_config.database}",
+    }[influx.version]
+    return f"{server} {target}"
+
+
+def _mqtt_identity(config: Config) -> str:
+    post_to = config.butler.user_events.send_to_mqtt.post_to
+    topics = sorted(
+        topic.topic
+        for name in post_to.__struct_fields__
+        if (topic := getattr(post_to, name)).enable
+    )
+    broker = config.butler.mqtt_config
+    return f"mqtt://{broker.broker_host}:{broker.broker_port} topics={','.join(topics)}"
+
+
+def _newrelic_identity(config: Config) -> str:
+    butler = config.butler
+    accounts = {
+        a.account_name: a.account_id for a in butler.third_party_tools_credentials.new_relic or []
+    }
+    wanted = butler.user_events.send_to_new_relic.destination_account or []
+    ids = ",".join(sorted(accounts.get(name, name) for name in wanted))
+    return f"{butler.new_relic.event.url} accounts={ids}"
+
+
 INFLUXDB = Destination(
     name="influxdb",
     enabled=lambda c: (
@@ -102,6 +143,7 @@ INFLUXDB = Destination(
     ),
     encoder="line",
     sink=_influx_sink,
+    identity=_influx_identity,
     probe="influx-write",
 )
 MQTT = Destination(
@@ -109,6 +151,7 @@ MQTT = Destination(
     enabled=lambda c: c.butler.mqtt_config.enable and c.butler.user_events.send_to_mqtt.enable,
     encoder="mqtt",
     sink=_mqtt_sink,
+    identity=_mqtt_identity,
     describe=_describe_mqtt,
 )
 NEWRELIC = Destination(
@@ -116,6 +159,7 @@ NEWRELIC = Destination(
     enabled=lambda c: c.butler.new_relic.enable and c.butler.user_events.send_to_new_relic.enable,
     encoder="newrelic",
     sink=_newrelic_sink,
+    identity=_newrelic_identity,
     describe=_describe_newrelic,
 )
 
@@ -124,6 +168,7 @@ NATS = Destination(
     enabled=lambda c: c.pipeline.nats.enable,
     encoder="mqtt",  # the same JSON: one encoding per event serves both
     sink=_nats_sink,
+    identity=_nats_identity,
     describe=_describe_nats,
 )
 

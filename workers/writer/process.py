@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import uvloop
@@ -38,14 +37,17 @@ from shared.logs import RateLimitedLog, setup_logging
 from shared.tasks import cancel_all, spawn
 from workers.writer.destinations import enabled_destinations
 from workers.writer.feeds import BatchCache, Feed, read_batch
+from workers.writer.sessions import CONSUMER, SessionKeeper
 from workers.writer.sinks.base import DestinationUnreachable
 from workers.writer.spool import Spool, SpoolWriteError
 from workers.writer.spooldir import destination_identities, spool_directory
+from workers.writer.spoolsync import sync_while_changing
 
 log = logging.getLogger("senseflow.writer")
 
 NAME = "writer"
 DRAIN_TIMEOUT = 60.0
+SESSION_CHECKPOINT_SECONDS = 5.0
 
 
 def run(config: Config, channels: Channels, parent_pid: int, block: object) -> int:
@@ -63,18 +65,24 @@ class Writer:
         self.destinations = enabled_destinations(config)
         self.destination_names = [destination.name for destination in self.destinations]
         self.delivery = make_tracker(config, self.destination_names, self.counters)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="writer-input")
         self.orphan = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.woken: asyncio.Future[None] | None = None  # consume() waits for input
         self.cache = BatchCache()
         self.spool: Spool | None = None
         self.feeds: list[Feed] = []
         self.feed_tasks: list[asyncio.Task[None]] = []
+        self.sessions: SessionKeeper | None = None
         self.drop_log = RateLimitedLog(log)
         self.disk_backoff = Backoff(base=0.5, cap=10.0)
         self.failure: BaseException | None = None
 
     def orphaned(self) -> None:
+        """Called in the parent watch's thread."""
         self.orphan = True
+        if self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed already
+                self.loop.call_soon_threadsafe(self.wake_up)
 
     def on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """A background task died: log why and stop; the supervisor restarts us and the
@@ -83,6 +91,7 @@ class Writer:
         log.error("%s", context.get("message"), exc_info=error)
         if self.failure is None:
             self.failure = error or RuntimeError(str(context.get("message")))
+        self.wake_up()
 
     async def serve(self) -> int:
         asyncio.get_running_loop().set_exception_handler(self.on_loop_error)
@@ -90,6 +99,7 @@ class Writer:
             return exitcodes.BOOT_FAILURE
         self.count_spool_at_start()
         self.make_feeds()
+        self.start_sessions()
         if not await self.start_sinks():
             return exitcodes.DESTINATION_UNREACHABLE
         self.start_feeds()
@@ -97,6 +107,7 @@ class Writer:
         background = [
             asyncio.create_task(self.report_loop(), name="writer.report"),
             spawn(self.sync_loop(), name="writer.spool-sync"),
+            spawn(self.session_checkpoint_loop(), name="writer.sessions"),
         ]
         await self.consume()
         if self.failure is not None:
@@ -113,14 +124,15 @@ class Writer:
         identities = destination_identities(self.config, self.destination_names)
         directory = spool_directory(self.config, identities)
         try:
+            consumers = [CONSUMER] if self.config.pipeline.sessions.enable else []
             self.spool = Spool(
                 directory,
-                self.destination_names,
+                self.destination_names + consumers,
                 options.max_bytes,
                 options.segment_bytes,
                 options.fsync,
                 self.known_cursors(),
-                identities,
+                identities | {consumer: "" for consumer in consumers},  # writes nowhere
                 options.discard_mismatch,
             )
         except OSError as exc:
@@ -144,12 +156,12 @@ class Writer:
         if not self.counters.has(SPOOLED):
             recovered = {
                 names.recovered(name): sum(spool.events_in(seq) for seq in spool.pending(name))
-                for name in spool.destinations
+                for name in self.destination_names
             }
             damage = {names.DROPPED_SPOOL_CORRUPT: spool.corrupt_records} | {
                 names.spool_mismatch(name): events for name, events in spool.discarded.items()
             }
-            cursors = {names.cursor(name): spool.cursors[name] for name in spool.destinations}
+            cursors = {names.cursor(name): spool.cursors[name] for name in self.destination_names}
             self.counters.commit(recovered | damage, {SPOOLED: spool.next_seq, **cursors})
             return
         for seq in range(self.counters.get(SPOOLED), spool.next_seq):
@@ -168,6 +180,20 @@ class Writer:
             for d in self.destinations
         ]
 
+    def start_sessions(self) -> None:
+        """The session state: its checkpoint, then the spooled batches after it."""
+        if self.spool is None or not self.config.pipeline.sessions.enable:
+            return
+        sync = self.config.pipeline.spool.fsync != "never"
+        self.sessions = SessionKeeper(self.config.pipeline.sessions, self.spool, sync=sync)
+        self.sessions.start()
+
+    async def session_checkpoint_loop(self) -> None:
+        while self.sessions is not None:
+            await asyncio.sleep(SESSION_CHECKPOINT_SECONDS)
+            if self.sessions.changed:
+                self.sessions.checkpoint()
+
     def start_feeds(self) -> None:
         for feed in self.feeds:
             if feed.backlog:
@@ -175,13 +201,12 @@ class Writer:
             self.feed_tasks.append(spawn(feed.run(), name=f"writer.feed.{feed.name}"))
 
     async def sync_loop(self) -> None:
-        """fsync (policy `interval`) and save the cursors to disk, on the fsync timer."""
+        """fsync (policy `interval`) and save the cursors to disk, on the fsync timer while
+        the spool changes."""
         options = self.config.pipeline.spool
         if self.spool is None:
             return
-        while True:
-            await asyncio.sleep(options.fsync_interval / 1000)
-            self.spool.sync()
+        await sync_while_changing(self.spool, options.fsync_interval / 1000)
 
     async def start_sinks(self) -> bool:
         """Reach every destination; with onUnreachable=wait, keep trying until it works."""
@@ -202,12 +227,14 @@ class Writer:
         return True
 
     async def consume(self) -> None:
-        loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         channel = self.channels.encoded
         while not self.orphan and self.failure is None:
-            item = await loop.run_in_executor(self.executor, channel.peek, 0.2)
+            item = channel.peek(0)
             if item is None:
+                await self.input_or_wake_up(channel.fileno())
                 continue
+            await asyncio.sleep(0)  # the feeds and sinks run between two batches
             if item != STOP:
                 try:
                     self.take(item)
@@ -218,6 +245,22 @@ class Writer:
             channel.discard_next()  # only now: spooled and counted
             if item == STOP:
                 return
+
+    async def input_or_wake_up(self, channel: int) -> None:
+        """Until the channel (its fileno) holds a message, or `wake_up()`: no polling."""
+        loop = asyncio.get_running_loop()
+        self.woken = woken = loop.create_future()
+        loop.add_reader(channel, self.wake_up)
+        try:
+            await woken
+        finally:
+            loop.remove_reader(channel)
+            self.woken = None
+
+    def wake_up(self) -> None:
+        """In the loop's thread: `consume` looks at the channel and its exit conditions."""
+        if self.woken is not None and not self.woken.done():
+            self.woken.set_result(None)
 
     async def wait_for_disk(self, error: SpoolWriteError) -> None:
         """The spool could not append (disk full...): count, say so, retry later; the
@@ -273,6 +316,8 @@ class Writer:
     def spool_batch(self, item: bytes, batch: EncodedBatch) -> int:
         assert self.spool is not None
         seq = self.spool.append(item, len(batch.received_ns))
+        if self.sessions is not None:
+            self.sessions.add(seq, batch)
         self.cache.put(seq, batch)
         for feed in self.feeds:
             feed.wake.set()
@@ -280,6 +325,8 @@ class Writer:
 
     def enforce_spool_limit(self) -> None:
         assert self.spool is not None
+        if self.sessions is not None and self.spool.over_limit():
+            self.sessions.checkpoint()  # the session state never holds records back
         while self.spool.over_limit():
             dropped = self.spool.drop_oldest_segment()
             if not dropped:
@@ -322,10 +369,12 @@ class Writer:
                 await asyncio.wait_for(feed.sink.close(), 1.0)
         for feed in self.feeds:
             feed.give_up_handed()  # no longer in the spool, and now not delivered either
+        if self.sessions is not None:
+            self.sessions.flush()
+            self.sessions.checkpoint()
         if self.spool is not None:
             self.spool.close()
         log.info("writer drained in %.2fs", time.monotonic() - started)
-        self.executor.shutdown(wait=False)
 
     @staticmethod
     async def deliver_all(feed: Feed) -> None:

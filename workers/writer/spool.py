@@ -30,7 +30,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -111,6 +111,7 @@ class Spool:
         self._out_header = 0  # bytes of its file header: `segment_bytes` counts records
         self._dirty = False
         self._cursors_dirty = False
+        self.on_change: Callable[[], None] = _unchanged  # told when sync() has work
         self._moved = False  # cursors moved in memory, not yet persisted
         self._doomed: list[int] = []  # segments given up, their files not yet deleted
         try:
@@ -176,6 +177,7 @@ class Spool:
         self.segments[self._out_segment] += len(body)
         self.next_seq = seq + 1
         self._dirty = True
+        self.on_change()
         return seq
 
     def _cut_back(self, out: io.FileIO, offset: int) -> None:
@@ -298,6 +300,7 @@ class Spool:
                 self._write_cursors()
             else:
                 self._cursors_dirty = True
+                self.on_change()
 
     def _lost(self, seq: int) -> bool:
         """A record damaged on disk: cursors pass over it."""
@@ -416,3 +419,7 @@ class Spool:
             self._out = None
         self._write_cursors()
         self._lock.close()
+
+
+def _unchanged() -> None:
+    """The default `Spool.on_change`: nobody to tell."""

@@ -21,7 +21,8 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from shared.config import Config, PostTo, Topic
+from shared.config import Config
+from workers.writer.destinations import DESTINATIONS
 
 log = logging.getLogger("senseflow.spool")
 
@@ -33,35 +34,9 @@ class SpoolDirectoryError(OSError):
 
 
 def destination_identities(config: Config, names: list[str]) -> dict[str, str]:
-    """What each destination writes to: a spool's records are for these and no others."""
-    butler = config.butler
-    influx = butler.influxdb_config
-    server = f"http://{influx.host}:{influx.port}"
-    influx_target = {
-        1: f"v1 db={influx.v1_config.db_name} rp={influx.v1_config.retention_policy.name}",
-        2: f"v2 org={influx.v2_config.org} bucket={influx.v2_config.bucket}",
-        3: f"v3 database={influx.v3_config.database}",
-    }[influx.version]
-    post_to = butler.user_events.send_to_mqtt.post_to
-    topics = sorted(t.topic for t in vars_of(post_to) if t.enable)
-    mqtt = butler.mqtt_config
-    accounts = {
-        a.account_name: a.account_id for a in butler.third_party_tools_credentials.new_relic or []
-    }
-    wanted = butler.user_events.send_to_new_relic.destination_account or []
-    identities = {
-        "influxdb": f"{server} {influx_target}",
-        "mqtt": f"mqtt://{mqtt.broker_host}:{mqtt.broker_port} topics={','.join(topics)}",
-        "newrelic": f"{butler.new_relic.event.url} accounts="
-        + ",".join(sorted(accounts.get(name, name) for name in wanted)),
-        "nats": f"nats stream={config.pipeline.nats.stream} "
-        f"subjects={config.pipeline.nats.subject_prefix}.>",
-    }
-    return {name: identities[name] for name in names}
-
-
-def vars_of(post_to: PostTo) -> list[Topic]:
-    return [getattr(post_to, name) for name in post_to.__struct_fields__]
+    """What each destination writes to (its record's `identity`): a spool's records are for
+    these and no others."""
+    return {d.name: d.identity(config) for d in DESTINATIONS if d.name in names}
 
 
 def instance_key(config: Config, identities: Mapping[str, str]) -> str:

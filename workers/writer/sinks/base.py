@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from shared import counternames as names
 from shared.counters import Counting
@@ -97,17 +100,32 @@ C = TypeVar("C", bound=Countable)
 
 
 class ChunkQueue(Generic[C]):
-    """Chunks of events waiting for one sender, in order.
+    """Chunks of events waiting for their senders, in order.
 
-    Events go into `current` until the owner `cut()`s it (full, or on its flush timer);
-    the sender takes `await next()`, which stays first in `ready` while it is delivered,
-    then `done()`; `flush()` waits until everything taken so far is done. `pending`
-    counts the events in it, for the owner's bound."""
+    Events go into `current` until the owner `cut()`s it (full, or on its flush timer).
+    One sender takes `await next()`, which stays first in `ready` while it is delivered,
+    then `done()`. Several senders instead `await take()` (which also cuts `current` when
+    nothing is ready: a free sender sends what waits, `gap` after the previous take at
+    the earliest) and `finish()` each chunk, which
+    hands back the finished chunks in order: a chunk finished early waits for those taken
+    before it. Chunks numbered up to `serial_through` (1 is the first cut) go alone:
+    taken only when none is in flight, and nothing is taken while one is
+    (`one_at_a_time()`).
+    `flush()` waits until everything taken so far is done. `pending` counts the events in
+    it, for the owner's bound."""
 
-    def __init__(self, new_chunk: Callable[[], C]) -> None:
+    def __init__(
+        self, new_chunk: Callable[[], C], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.new_chunk = new_chunk
+        self.clock = clock
+        self.last_take = -math.inf
         self.current = new_chunk()
         self.ready: deque[C] = deque()
+        self.taken: deque[list[Any]] = deque()  # [chunk, result or NOT_FINISHED], in order
+        self.cuts = 0
+        self.takes = 0
+        self.serial_through = 0
         self.pending = 0
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
@@ -116,6 +134,7 @@ class ChunkQueue(Generic[C]):
         if self.current.count:
             self.ready.append(self.current)
             self.current = self.new_chunk()
+            self.cuts += 1
             self.wake.set()
 
     async def next(self) -> C:
@@ -131,8 +150,62 @@ class ChunkQueue(Generic[C]):
         self.pending -= chunk.count
         return chunk
 
+    async def take(self, gap: float = 0.0) -> C:
+        """The next chunk; the one being filled only `gap` seconds after the last take
+        (a full or flushed chunk at once), so that a trickle of events is not one write
+        each. No timer runs while nothing waits."""
+        while (wait := self._wait_before_take(gap)) != 0.0:
+            if not self.taken:
+                self.idle.set()
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self.wake.wait()
+        self.idle.clear()
+        if not self.ready:
+            self.cut()
+        chunk = self.ready.popleft()
+        self.takes += 1
+        self.last_take = self.clock()
+        self.taken.append([chunk, NOT_FINISHED])
+        return chunk
+
+    def _wait_before_take(self, gap: float) -> float | None:
+        """0.0: take now; else seconds to wait (None: until woken)."""
+        first_in_flight = self.takes - len(self.taken) + 1
+        if self.taken and first_in_flight <= self.serial_through:
+            return None
+        if self.ready:
+            return 0.0
+        if not self.current.count:
+            return None
+        return max(0.0, self.last_take + gap - self.clock())
+
+    def one_at_a_time(self) -> None:
+        """The chunks waiting now, the one being filled included, are taken one at a time."""
+        self.serial_through = self.cuts + (1 if self.current.count else 0)
+
+    def finish(self, chunk: C, result: object) -> list[tuple[C, Any]]:
+        """Record a taken chunk's result; returns the chunks now finished in order."""
+        for entry in self.taken:
+            if entry[0] is chunk:
+                entry[1] = result
+                break
+        released: list[tuple[C, Any]] = []
+        while self.taken and self.taken[0][1] is not NOT_FINISHED:
+            first, outcome = self.taken.popleft()
+            self.pending -= first.count
+            released.append((first, outcome))
+        self.wake.set()  # a slot is free
+        if not self.taken and not self.ready:
+            self.idle.set()
+        return released
+
     async def flush(self) -> None:
         self.cut()
-        while self.ready:
+        while self.ready or self.taken:
             self.idle.clear()
             await self.idle.wait()
+
+
+NOT_FINISHED = object()

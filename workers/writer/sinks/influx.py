@@ -15,7 +15,7 @@ import json
 import logging
 import ssl
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -78,6 +78,15 @@ def load_context(tls: InfluxTls, where: str) -> ssl.SSLContext | None:
         return client_context(tls)
     except OSError as exc:  # ssl.SSLError is one
         raise DestinationUnreachable(f"InfluxDB at {where}: cannot load TLS files: {exc}") from exc
+
+
+class Transport(Protocol):
+    async def open(self) -> None: ...
+
+    async def send(self, body: bytes) -> None:
+        """Write the lines; raises WriteFailed (transient) or WriteRejected."""
+
+    async def close(self) -> None: ...
 
 
 class V1Transport:
@@ -263,7 +272,7 @@ class InfluxSink:
         cfg = config.butler.influxdb_config
         pipe = config.pipeline
         timeout = cfg.v3_config.write_timeout / 1000 if cfg.version == 3 else 10.0
-        self.transport: V1Transport | ClientTransport = (
+        self.transport: Transport = (
             V1Transport(cfg, timeout, pipe.influx_tls)
             if cfg.version == 1
             else ClientTransport(cfg, timeout, pipe.influx_tls)
@@ -271,9 +280,13 @@ class InfluxSink:
         self.counters = counters
         self.on_ack: Acknowledge = on_ack or counting_acks(counters, NAME)
         self.batch_size = pipe.batch_size
-        self.flush_interval = pipe.flush_interval / 1000
         self.max_pending = max(pipe.pending_events, self.batch_size * 2)
+        self.inflight = pipe.influx_inflight
+        self.write_gap = min(pipe.influx_min_write_interval, pipe.flush_interval) / 1000
         self.chunks = ChunkQueue(Chunk)
+        # The first chunk alone; after a failure, what waits behind it goes one at a time
+        # in order (InfluxDB may be struggling), then two at a time again.
+        self.chunks.serial_through = 1
         self.backoff = Backoff()
         self.room = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
@@ -281,8 +294,8 @@ class InfluxSink:
     async def start(self) -> None:
         await self.transport.open()
         self.tasks = [
-            spawn(self._send_loop(), name="writer.influx.send"),
-            spawn(self._timer_loop(), name="writer.influx.timer"),
+            spawn(self._send_loop(), name=f"writer.influx.send{slot}")
+            for slot in range(self.inflight)
         ]
 
     async def write_batch(self, batch: EncodedBatch, seq: int = -1) -> None:
@@ -294,6 +307,8 @@ class InfluxSink:
             self.room.clear()
             await self.room.wait()
         current = chunks.current
+        if not current.count:
+            chunks.wake.set()  # a free sender takes it at once (it holds what follows too)
         current.lines.append(batch.lines)
         current.received_ns.extend(batch.received_ns)
         current.seqs.append(seq)
@@ -302,19 +317,20 @@ class InfluxSink:
         if current.count >= self.batch_size:
             chunks.cut()
 
-    async def _timer_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_interval)
-            self.chunks.cut()
-
     async def _send_loop(self) -> None:
+        """One write slot. A partial chunk goes out as soon as a slot is free, but not
+        sooner than `write_gap` after the previous write began, so no timer runs without
+        traffic; while every slot is busy, what arrives gathers into the next chunk (up
+        to `batchSize`). Acknowledgements leave in the order the chunks were taken."""
+        chunks = self.chunks
         while True:
-            chunk = await self.chunks.next()
+            chunk = await chunks.take(self.write_gap)
             failed = await self._deliver(chunk.lines)
-            self.chunks.done()
-            self.room.set()
-            acks = share_failures(chunk.seqs, chunk.seq_events, failed, chunk.received_ns)
-            self.on_ack(acks)
+            finished = chunks.finish(chunk, failed)
+            if finished:
+                self.room.set()
+            for each, rejected in finished:
+                self.on_ack(share_failures(each.seqs, each.seq_events, rejected, each.received_ns))
 
     async def _deliver(self, lines: list[bytes]) -> int:
         """Write until acknowledged; a rejected batch is split to isolate its bad lines.
@@ -324,6 +340,7 @@ class InfluxSink:
             try:
                 await self.transport.send(body)
             except WriteFailed as exc:
+                self.chunks.one_at_a_time()
                 delay = self.backoff.next_delay()
                 self.counters.add(names.retries(NAME))
                 log.warning("InfluxDB write failed (%s); retrying in %.2fs", exc, delay)

@@ -204,6 +204,7 @@ class NewRelicSink:
         self.max_pending = max(config.pipeline.pending_events, MAX_EVENTS * 2)
         self.session: aiohttp.ClientSession | None = None
         self.room = asyncio.Event()
+        self.filled = asyncio.Event()  # events arrived since the timer last cut
         self.rejected_log = RateLimitedLog(log)
         self.retry_log = RateLimitedLog(log, interval=5.0)
         self.tasks: list[asyncio.Task[None]] = []
@@ -251,6 +252,7 @@ class NewRelicSink:
         self.awaiting[key] = Awaiting(seq, len(self.accounts), len(events), batch.received_ns)
         for account in self.accounts:
             account.add(events, batch.received_ns, key)
+        self.filled.set()
 
     def _chunk_done(self, account: Account, chunk: Chunk, failed: int) -> None:
         """A batch is done once every account has delivered its last chunk. An event
@@ -284,7 +286,10 @@ class NewRelicSink:
     # -- sending ----------------------------------------------------------------------------
 
     async def _timer_loop(self) -> None:
+        """Cuts partial chunks `flushInterval` after events arrive; asleep without traffic."""
         while True:
+            await self.filled.wait()
+            self.filled.clear()
             await asyncio.sleep(self.flush_interval)
             for account in self.accounts:
                 account.chunks.cut()

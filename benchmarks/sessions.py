@@ -1,0 +1,127 @@
+"""Session state (shared/sessions.py): memory per session and connection, CPU per event.
+
+    python -m benchmarks.sessions [--sessions 100000] [--events 200000]
+
+Memory: tracemalloc over building `--sessions` users, one session each, spread over 4 hosts
+(user names and browser strings made new per user, as decoded events make them), then the
+same users each opening one app connection. CPU: `time.thread_time_ns` around applying
+`--events` random events (starts, opens, closes, stops over 5,000 users and 50 apps), and
+the writer's whole share for 50,000 corpus events (decode the worker's session arrays,
+reorder, apply).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import tempfile
+import time
+import tracemalloc
+import uuid
+
+from shared.sessions import CLOSE, OPEN, START, STOP, SessionEvent, SessionState
+
+DAY_NS = 86_400 * 10**9
+HOSTS = ("SENSE1", "SENSE2", "SENSE3", "SENSE4")
+
+
+def memory(sessions: int) -> tuple[float, float, int]:
+    """(bytes per session, bytes per connection, total bytes) for `sessions` users."""
+    apps = [str(uuid.UUID(int=i)) for i in range(50)]
+    gc.collect()
+    tracemalloc.start()
+    state = SessionState(DAY_NS)
+    for i in range(sessions):  # made inside the trace: what the state keeps of them counts
+        user, major = f"user{i:06d}", str(119 + i % 3)
+        state.apply(
+            SessionEvent(i, START, HOSTS[i % 4], "LAB", user, "", "", "Chrome", major, "Win", "10")
+        )
+    with_sessions = tracemalloc.get_traced_memory()[0]
+    for i in range(sessions):
+        user, app = f"user{i:06d}", apps[i % 50]
+        state.apply(SessionEvent(sessions + i, OPEN, HOSTS[i % 4], "LAB", user, app, "App"))
+    with_connections = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert state.totals() == (sessions, sessions, sessions)
+    return (
+        with_sessions / sessions,
+        (with_connections - with_sessions) / sessions,
+        with_connections,
+    )
+
+
+def cpu_per_event(count: int, seed: int = 1) -> float:
+    rng = random.Random(seed)
+    apps = [str(uuid.UUID(int=i)) for i in range(50)]
+    actions = (START, OPEN, OPEN, CLOSE, CLOSE, STOP)
+    events = [
+        SessionEvent(
+            i * 1000,
+            rng.choice(actions),
+            rng.choice(HOSTS),
+            "LAB",
+            f"user{rng.randrange(5000)}",
+            rng.choice(apps),
+            "App",
+            "Chrome",
+            "119",
+            "Windows",
+            "10",
+        )
+        for i in range(count)
+    ]
+    state = SessionState(DAY_NS)
+    gc.collect()
+    started = time.thread_time_ns()
+    for event in events:
+        state.apply(event)
+    return (time.thread_time_ns() - started) / count
+
+
+def writer_cpu_per_event(count: int, seed: int = 1) -> float:
+    """What the writer spends per event: decode `EncodedBatch.sessions`, reorder, apply."""
+    from senseflow.commands.corpus import app_names, make_corpus
+    from shared.config import SessionOptions, config_from_document
+    from shared.events import RawBatch
+    from workers.pipeline import EventPipeline
+    from workers.writer.sessions import CONSUMER, SessionKeeper
+    from workers.writer.spool import Spool
+
+    pipeline = EventPipeline(config_from_document({}, {}), app_names())
+    datagrams = make_corpus(count, seed=seed)
+    start = time.time_ns()
+    batches = [
+        pipeline.process_batch(
+            RawBatch(datagrams[i : i + 500], [start + (i + j) * 20_000 for j in range(500)])
+        )
+        for i in range(0, count - count % 500, 500)
+    ]
+    events = sum(len(b.received_ns) for b in batches)
+    with tempfile.TemporaryDirectory() as directory:
+        spool = Spool(directory, [CONSUMER])
+        keeper = SessionKeeper(SessionOptions(), spool, sync=False)
+        gc.collect()
+        started = time.thread_time_ns()
+        for seq, batch in enumerate(batches):
+            keeper.add(seq, batch)
+        keeper.flush()
+        spent = time.thread_time_ns() - started
+        spool.close()
+    return spent / events
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sessions", type=int, default=100_000)
+    parser.add_argument("--events", type=int, default=200_000)
+    args = parser.parse_args()
+    per_session, per_connection, total = memory(args.sessions)
+    print(f"sessions: {args.sessions}, traced memory {total / 2**20:.1f} MiB")
+    print(f"bytes per session: {per_session:.0f}, per connection: {per_connection:.0f}")
+    print(f"CPU per applied event: {cpu_per_event(args.events):.0f} ns")
+    print(f"writer CPU per event (decode, reorder, apply): {writer_cpu_per_event(50_000):.0f} ns")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""Live sessions (SPEC 3a): who is on which Sense host, derived from the user events.
+
+The state is pure: events go in (`apply`, in receive-time order), counts and snapshots come
+out. The writer keeps one from the spool, `senseflow who` rebuilds one from InfluxDB, and
+both use this code, so they agree by construction.
+
+Layout, chosen for memory (100,000 sessions must fit well under 200 MB): per host one dict
+from the user's key to a `UserEntry`, kept in last-seen order (an event moves its user to the
+end), so expiry only looks at the front of each dict. An entry exists exactly while the user
+has at least one session there; a user's connections live in `apps`, None until the first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+
+from shared.events import UserEvent
+from shared.sessionview import iso_time as iso_time  # re-exported: times as shown
+from shared.sessionview import sessions_document
+
+START, STOP, OPEN, CLOSE = range(4)
+"""Action codes, the indexes of `shared.events.ACTIONS`."""
+
+UNMATCHED_STOP = "sessions.unmatched_stop"
+UNMATCHED_CLOSE = "sessions.unmatched_close"
+IMPLICIT_START = "sessions.implicit_start"
+EXPIRED = "sessions.expired"
+COUNTER_NAMES = (UNMATCHED_STOP, UNMATCHED_CLOSE, IMPLICIT_START, EXPIRED)
+
+SWEEP_EVERY_NS = 1_000_000_000
+"""Idle users are swept at most once per second of event time (and before every snapshot);
+a user's own event always finds its stale entry first, so lazy sweeps change nothing."""
+
+
+class SessionEvent(msgspec.Struct, array_like=True, gc=False):
+    """What the session state needs of one user event; '' means not known.
+
+    Workers send these as plain msgpack arrays (`EncodedBatch.sessions`), in this order.
+    """
+
+    time_ns: int
+    action: int
+    host: str
+    user_directory: str
+    user_id: str
+    app_id: str = ""
+    app_name: str = ""
+    browser_name: str = ""
+    browser_major: str = ""
+    os_name: str = ""
+    os_version: str = ""
+
+
+class AppEntry(msgspec.Struct, array_like=True, gc=False):
+    app_name: str
+    connections: int
+    since_ns: int
+
+
+class UserEntry(msgspec.Struct, array_like=True, gc=False):
+    """One user on one host: `directory` and `user_id` as first seen there."""
+
+    directory: str
+    user_id: str
+    sessions: int
+    since_ns: int
+    last_seen_ns: int
+    browser: str = ""
+    os: str = ""
+    apps: dict[str, AppEntry] | None = None
+
+    def connections(self) -> int:
+        return sum(a.connections for a in self.apps.values()) if self.apps else 0
+
+
+class Checkpoint(msgspec.Struct, array_like=True):
+    """The whole state, for a checkpoint; dict order (last-seen order) survives msgpack."""
+
+    max_idle_ns: int
+    clock_ns: int
+    hosts: dict[str, dict[str, UserEntry]]
+    counters: dict[str, int]
+
+
+def user_key(directory: str, user_id: str) -> str:
+    """Users compare case-insensitively, as `excludeUser` does; fields never hold NUL."""
+    return f"{directory}\x00{user_id}".casefold()
+
+
+def browser_label(name: str, version: str) -> str:
+    """`Chrome 119`, `Windows 10`: name and version, as shown."""
+    return f"{name} {version}" if name and version else name
+
+
+def session_event(event: UserEvent, action: int) -> SessionEvent:
+    """The session view of an enriched event (`action` is its index in ACTIONS)."""
+    return SessionEvent(
+        event.received_ns,
+        action,
+        event.host,
+        event.user_directory,
+        event.user_id,
+        event.app_id,
+        event.app_name,
+        event.ua_browser_name,
+        event.ua_browser_major,
+        event.ua_os_name,
+        event.ua_os_version,
+    )
+
+
+class SessionState:
+    """Rules 1-6 of SPEC 3a, with per-host and total counts kept up to date."""
+
+    def __init__(self, max_idle_ns: int, sweep_every_ns: int = SWEEP_EVERY_NS) -> None:
+        self.max_idle_ns = max_idle_ns
+        self.sweep_every_ns = sweep_every_ns
+        self.clock_ns = 0
+        self.hosts: dict[str, dict[str, UserEntry]] = {}
+        self.counters = dict.fromkeys(COUNTER_NAMES, 0)
+        self._user_hosts: dict[str, int] = {}
+        self._next_sweep_ns = 0
+
+    # -- events ----------------------------------------------------------------------------
+
+    def apply(self, event: SessionEvent) -> None:
+        # The writer's per-event cost: the common path (a known user) stays in this frame.
+        now = event.time_ns
+        if now < self.clock_ns:  # a late event: time does not go back
+            now = self.clock_ns
+        else:
+            self.clock_ns = now
+        if now >= self._next_sweep_ns:
+            self.sweep(now)
+        host = event.host
+        users = self.hosts.get(host)
+        if users is None:
+            users = self.hosts[host] = {}
+        key = f"{event.user_directory}\x00{event.user_id}".casefold()  # user_key, inlined
+        entry = users.pop(key, None)
+        if entry is not None and now - entry.last_seen_ns >= self.max_idle_ns:
+            self._forget(key, counted=True)
+            entry = None
+        if entry is None:
+            entry = self._begin(event, key, now)
+        else:
+            self._change(event, entry, event.action, now)
+        if entry is not None and entry.sessions:
+            entry.last_seen_ns = now
+            if event.browser_name:
+                entry.browser = _label(event.browser_name, event.browser_major)
+            if event.os_name:
+                entry.os = _label(event.os_name, event.os_version)
+            users[key] = entry  # at the end: the dict stays in last-seen order
+            return
+        if entry is not None:  # its last session stopped
+            self._forget(key, counted=False)
+        if not users:
+            del self.hosts[host]
+
+    def _begin(self, event: SessionEvent, key: str, now: int) -> UserEntry | None:
+        """A user without a session on the host: rules 1-4 from a count of 0."""
+        action = event.action
+        if action == STOP:
+            self.counters[UNMATCHED_STOP] += 1
+            return None
+        if action == CLOSE:
+            self.counters[UNMATCHED_CLOSE] += 1
+            return None
+        entry = UserEntry(event.user_directory, event.user_id, 1, now, now)
+        self._user_hosts[key] = self._user_hosts.get(key, 0) + 1
+        if action == OPEN:
+            self.counters[IMPLICIT_START] += 1
+            self._change(event, entry, OPEN, now)
+        return entry
+
+    def _change(self, event: SessionEvent, entry: UserEntry, action: int, now: int) -> None:
+        if action == START:
+            entry.sessions += 1
+        elif action == STOP:
+            entry.sessions -= 1
+            if not entry.sessions:
+                entry.apps = None
+        elif action == OPEN:
+            apps = entry.apps if entry.apps is not None else {}
+            entry.apps = apps
+            app = apps.get(event.app_id)
+            if app is None:
+                apps[_shared(event.app_id)] = AppEntry(_shared(event.app_name), 1, now)
+            else:
+                app.connections += 1
+                if event.app_name:
+                    app.app_name = _shared(event.app_name)
+        else:
+            self._close(entry, event.app_id)
+
+    def _close(self, entry: UserEntry, app_id: str) -> None:
+        app = entry.apps.get(app_id) if entry.apps else None
+        if app is None:
+            self.counters[UNMATCHED_CLOSE] += 1
+            return
+        app.connections -= 1
+        if not app.connections:
+            del entry.apps[app_id]  # type: ignore[union-attr]
+            if not entry.apps:
+                entry.apps = None
+
+    def _forget(self, key: str, *, counted: bool) -> None:
+        """A user (already popped from a host's dict) leaves that host."""
+        if counted:
+            self.counters[EXPIRED] += 1
+        left = self._user_hosts[key] - 1
+        if left:
+            self._user_hosts[key] = left
+        else:
+            del self._user_hosts[key]
+
+    # -- time ------------------------------------------------------------------------------
+
+    def sweep(self, now_ns: int) -> None:
+        """Remove every user idle for `max_idle_ns` at `now_ns` (rule 5)."""
+        self.clock_ns = max(self.clock_ns, now_ns)
+        self._next_sweep_ns = self.clock_ns + self.sweep_every_ns
+        cutoff = self.clock_ns - self.max_idle_ns
+        for host, users in list(self.hosts.items()):
+            stale = []
+            for key, entry in users.items():
+                if entry.last_seen_ns > cutoff:
+                    break
+                stale.append(key)
+            for key in stale:
+                del users[key]
+                self._forget(key, counted=True)
+            if not users:
+                del self.hosts[host]
+
+    # -- counts ----------------------------------------------------------------------------
+
+    def totals(self) -> tuple[int, int, int]:
+        """(sessions, users, connections) over all hosts; a user on two hosts counts once."""
+        sessions = connections = 0
+        for entry in self.entries():
+            sessions += entry.sessions
+            connections += entry.connections()
+        return sessions, len(self._user_hosts), connections
+
+    def entries(self) -> Iterator[UserEntry]:
+        for users in self.hosts.values():
+            yield from users.values()
+
+    def snapshot(
+        self,
+        at_ns: int,
+        host: str | None = None,
+        user: str | None = None,
+        app: str | None = None,
+    ) -> dict[str, Any]:
+        """The `/api/sessions` document at `at_ns` (idle users swept first), filtered."""
+        self.sweep(at_ns)
+        return sessions_document(self.hosts, at_ns, host, user, app)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def checkpoint(self) -> bytes:
+        return _ENCODER.encode(
+            Checkpoint(self.max_idle_ns, self.clock_ns, self.hosts, dict(self.counters))
+        )
+
+    @classmethod
+    def restore(
+        cls, data: bytes, max_idle_ns: int | None = None, sweep_every_ns: int = SWEEP_EVERY_NS
+    ) -> SessionState:
+        saved = _DECODER.decode(data)
+        state = cls(saved.max_idle_ns if max_idle_ns is None else max_idle_ns, sweep_every_ns)
+        state.clock_ns = saved.clock_ns
+        state.hosts = saved.hosts
+        state.counters.update(saved.counters)
+        for users in state.hosts.values():
+            for key, entry in users.items():
+                state._user_hosts[key] = state._user_hosts.get(key, 0) + 1
+                entry.browser, entry.os = _shared(entry.browser), _shared(entry.os)
+        return state
+
+
+_LABELS: dict[str, dict[str, str]] = {}
+_VERSIONS_MAX = 256
+
+
+def _label(name: str, version: str) -> str:
+    """`browser_label`, one shared copy of each (bounded: the values come from outside)."""
+    by_version = _LABELS.get(name)
+    if by_version is not None:
+        label = by_version.get(version)
+        if label is not None:
+            return label
+    label = browser_label(name, version)
+    if by_version is None and len(_LABELS) < _SHARED_MAX:
+        by_version = _LABELS[name] = {}
+    if by_version is not None and len(by_version) < _VERSIONS_MAX:
+        by_version[version] = label
+    return label
+
+
+_SHARED: dict[str, str] = {}
+_SHARED_MAX = 4096
+
+
+def _shared(text: str) -> str:
+    """Browsers, systems and app names repeat: keep one copy of each (a bounded number:
+    the values come from outside, and `sys.intern` would keep them for good)."""
+    found = _SHARED.get(text)
+    if found is not None:
+        return found
+    if len(_SHARED) < _SHARED_MAX:
+        _SHARED[text] = text
+    return text
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(Checkpoint)
