@@ -93,6 +93,7 @@ def test_every_event_in_the_stream_exactly_once(
     check_stream(read_stream(nats_server), len(datagrams))
 
 
+@pytest.mark.slow
 def test_server_down_past_the_memory_bound_spool_holds_then_drains(
     tmp_path: Path, nats_server: NatsServer, started: list[Service]
 ) -> None:

@@ -139,6 +139,7 @@ def test_start_without_a_server_is_unreachable() -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_r3_cluster_losing_its_stream_leader_mid_load_loses_and_doubles_nothing() -> None:
     counters = Counters()
     total = 6000
