@@ -171,6 +171,15 @@ class Service:
                 pids.append(int(entry.name))
         return pids
 
+    def lingering_pids(self, timeout: float = 5.0) -> list[int]:
+        """The group's processes still alive `timeout` s after the supervisor exited (a
+        child that sees its parent gone, e.g. multiprocessing's resource tracker, needs a
+        moment); [] as soon as the group is empty."""
+        deadline = time.monotonic() + timeout
+        while (pids := self.group_pids()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return pids
+
     def kill_group(self) -> None:
         """SIGKILL the supervisor and every child at once, as a power cut would."""
         os.killpg(self.process.pid, signal.SIGKILL)

@@ -144,7 +144,7 @@ def test_sigterm_mid_load_writes_everything_received(
     assert counters["written.influxdb"] == received - counters["invalid"] - counters["dropped"]
     assert counters["dropped"] == 0
     assert influx_count(influx_server, influx_db) == counters["written.influxdb"]
-    assert service.group_pids() == []
+    assert service.lingering_pids() == []
     assert "drained; exiting" in service.log
 
 

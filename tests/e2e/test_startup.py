@@ -24,10 +24,10 @@ def test_busy_udp_port_exits_with_bind_error(
         service = Service(config, tmp_path / "log")
         try:
             assert service.process.wait(60) == exitcodes.BIND_ERROR
+            assert service.lingering_pids() == []  # before stop() kills what is left
         finally:
             service.stop()
     assert f"cannot bind UDP 127.0.0.1:{port}: Address already in use" in service.log
-    assert service.group_pids() == []
 
 
 def test_unreachable_influxdb_exits_with_a_clear_message(tmp_path: Path) -> None:
@@ -38,10 +38,10 @@ def test_unreachable_influxdb_exits_with_a_clear_message(tmp_path: Path) -> None
     service = Service(config, tmp_path / "log")
     try:
         assert service.process.wait(60) == exitcodes.DESTINATION_UNREACHABLE
+        assert service.lingering_pids() == []  # before stop() kills what is left
     finally:
         service.stop()
     assert f"cannot reach InfluxDB at http://127.0.0.1:{closed_port}" in service.log
-    assert service.group_pids() == []
 
 
 def test_unreachable_broker_exits_with_a_clear_message(tmp_path: Path) -> None:
@@ -52,6 +52,7 @@ def test_unreachable_broker_exits_with_a_clear_message(tmp_path: Path) -> None:
     service = Service(config, tmp_path / "log")
     try:
         assert service.process.wait(60) == exitcodes.DESTINATION_UNREACHABLE
+        assert service.lingering_pids() == []  # before stop() kills what is left
     finally:
         service.stop()
     assert f"cannot reach MQTT broker 127.0.0.1:{closed_port}" in service.log
