@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from shared import counternames
 from shared.events import UserEvent
 from shared.sessionview import iso_time as iso_time  # re-exported: times as shown
 from shared.sessionview import sessions_document
@@ -24,11 +25,11 @@ from shared.sessionview import sessions_document
 START, STOP, OPEN, CLOSE = range(4)
 """Action codes, the indexes of `shared.events.ACTIONS`."""
 
-UNMATCHED_STOP = "sessions.unmatched_stop"
-UNMATCHED_CLOSE = "sessions.unmatched_close"
-IMPLICIT_START = "sessions.implicit_start"
-EXPIRED = "sessions.expired"
-COUNTER_NAMES = (UNMATCHED_STOP, UNMATCHED_CLOSE, IMPLICIT_START, EXPIRED)
+UNMATCHED_STOP = counternames.SESSIONS_UNMATCHED_STOP
+UNMATCHED_CLOSE = counternames.SESSIONS_UNMATCHED_CLOSE
+IMPLICIT_START = counternames.SESSIONS_IMPLICIT_START
+EXPIRED = counternames.SESSIONS_EXPIRED
+COUNTER_NAMES = counternames.SESSION_OUTCOMES
 
 SWEEP_EVERY_NS = 1_000_000_000
 """Idle users are swept at most once per second of event time (and before every snapshot);
