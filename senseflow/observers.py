@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from senseflow.httpserver import HttpLimits
-    from senseflow.metrics import Observed
-    from shared.config import Pipeline
+    from senseflow.metrics import MetricsServer, Observed
+    from shared.config import Config, Pipeline
 
 log = logging.getLogger("senseflow.supervisor")
 
@@ -36,15 +36,16 @@ def start_observers(supervisor: Observed) -> Observers | None:
 
     observers = Observers()
     pipe = supervisor.config.pipeline
-    if pipe.metrics_port > 0:
+    port = pipe.http_port or pipe.metrics_port
+    if port > 0:
         try:
             host = pipe.http.host or pipe.metrics_host
-            server = MetricsServer(supervisor, host, pipe.metrics_port, http_limits(pipe))
+            server = MetricsServer(supervisor, host, port, http_limits(pipe))
         except (OSError, OverflowError) as exc:
-            log.error(
-                "cannot serve metrics on %s:%d: %s", pipe.metrics_host, pipe.metrics_port, exc
-            )
+            log.error("cannot serve metrics on %s:%d: %s", pipe.metrics_host, port, exc)
             return None
+        if pipe.sessions.enable:
+            serve_sessions(server, supervisor.config)
         server.start()
         observers.running.append(server)
     stats = InfluxStats(supervisor)
@@ -52,6 +53,15 @@ def start_observers(supervisor: Observed) -> Observers | None:
         stats.start()
         observers.running.append(stats)
     return observers
+
+
+def serve_sessions(server: MetricsServer, config: Config) -> None:
+    """`/api/sessions` and the session gauges, from what the writer publishes."""
+    from senseflow.sessions import LiveSessionsReader, SessionCollector, sessions_handler
+
+    reader = LiveSessionsReader.of(config)
+    server.http.route("/api/sessions", sessions_handler(reader))
+    server.registry.register(SessionCollector(reader, config.pipeline.sessions.app_metrics_limit))
 
 
 def http_limits(pipe: Pipeline) -> HttpLimits:

@@ -266,15 +266,22 @@ class SessionState:
     # -- checkpoints -----------------------------------------------------------------------
 
     def checkpoint(self) -> bytes:
-        return _ENCODER.encode(
-            Checkpoint(self.max_idle_ns, self.clock_ns, self.hosts, dict(self.counters))
-        )
+        return _ENCODER.encode(self.saved())
+
+    def saved(self) -> Checkpoint:
+        """The state as a `Checkpoint` (sharing, not copying, the entries)."""
+        return Checkpoint(self.max_idle_ns, self.clock_ns, self.hosts, dict(self.counters))
 
     @classmethod
     def restore(
         cls, data: bytes, max_idle_ns: int | None = None, sweep_every_ns: int = SWEEP_EVERY_NS
     ) -> SessionState:
-        saved = _DECODER.decode(data)
+        return cls.from_checkpoint(_DECODER.decode(data), max_idle_ns, sweep_every_ns)
+
+    @classmethod
+    def from_checkpoint(
+        cls, saved: Checkpoint, max_idle_ns: int | None = None, sweep_every_ns: int = SWEEP_EVERY_NS
+    ) -> SessionState:
         state = cls(saved.max_idle_ns if max_idle_ns is None else max_idle_ns, sweep_every_ns)
         state.clock_ns = saved.clock_ns
         state.hosts = saved.hosts
