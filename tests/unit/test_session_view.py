@@ -115,7 +115,7 @@ def test_api_sessions_serves_the_contract_with_filters_behind_the_servers_auth(
         publisher.publish()
     expected = truth(items)
     with metrics_server(HttpLimits(token="s3cret")) as server:
-        serve_sessions(server, config_in(tmp_path))
+        serve_sessions(server, LiveSessionsReader.of(config_in(tmp_path)), 20)
         assert get(server.port, "/api/sessions")[0] == 401
         auth = {"Authorization": "Bearer s3cret"}
         for query, (host, user, app) in {
@@ -154,7 +154,7 @@ def test_prometheus_session_gauges_cap_the_apps_and_count_the_outcomes(tmp_path:
         keeper.add(keeper.spool.append(b"x", len(items)), batch(items))
         publisher.publish()
     with metrics_server() as server:
-        serve_sessions(server, config_in(tmp_path, appMetricsLimit=1))
+        serve_sessions(server, LiveSessionsReader.of(config_in(tmp_path)), 1)
         found = samples(get(server.port, "/metrics")[1].decode())
     assert found[("senseflow_session_count", (("host", "S1"),))] == 1
     assert found[("senseflow_session_count", (("host", "S2"),))] == 3
