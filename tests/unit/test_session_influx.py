@@ -1,0 +1,81 @@
+"""Session snapshot lines (senseflow/sessionsinflux.py): Butler SOS's measurement, tag and
+field names, its field types per InfluxDB version, and zeros for a host that emptied."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from senseflow.sessionsinflux import SnapshotLines, session_id
+from shared.config import config_from_document
+from shared.sessions import OPEN, START, STOP, SessionEvent, SessionState
+
+AT = 1_800_000_000 * 10**9
+
+
+def lines_of(version: int, state: SessionState, snapshot: SnapshotLines | None = None) -> list[str]:
+    snapshot = snapshot or SnapshotLines(config(version))
+    return snapshot.lines(state.hosts, AT).decode().splitlines()
+
+
+def config(version: int) -> Any:
+    butler = {
+        "influxdbConfig": {"version": version},
+        "userEvents": {"tags": [{"name": "env", "value": "prod"}]},
+    }
+    own = {"sessions": {"virtualProxy": "hdr"}}
+    return config_from_document({"Butler-SOS": butler, "senseflow": own}, {})
+
+
+def state_with(*events: tuple[int, str, str]) -> SessionState:
+    state = SessionState(86_400 * 10**9)
+    for i, (action, host, user) in enumerate(events):
+        state.apply(
+            SessionEvent(
+                AT - 10**9 + i, action, host, "LAB", user, "app-1" if action == OPEN else ""
+            )
+        )
+    return state
+
+
+def test_butler_sos_names_and_integer_types_per_version() -> None:
+    state = state_with((START, "SENSE1", "ann"), (START, "SENSE1", "ann"), (OPEN, "SENSE1", "bob"))
+    tags = (
+        "host=SENSE1,user_session_host=SENSE1,user_session_virtual_proxy=hdr,"
+        "source=user_events,env=prod"
+    )
+    listed = 'session_user_id_list="LAB\\\\ann,LAB\\\\bob"'
+    ann = state.hosts["SENSE1"][next(iter(state.hosts["SENSE1"]))]
+    ann_id = session_id("SENSE1", ann)
+    assert lines_of(1, state)[:3] == [
+        f"user_session_summary,{tags} session_count=3.0,{listed} {AT}",
+        f"user_session_list,{tags} {listed} {AT}",
+        f"user_session_details,{tags},user_session_id={ann_id},user_session_user_directory=LAB,"
+        f'user_session_user_id=ann session_id="{ann_id}",user_directory="LAB",user_id="ann" {AT}',
+    ]
+    assert len(lines_of(1, state)) == 4  # bob's details too
+    assert lines_of(2, state)[0] == f"user_session_summary,{tags} session_count=3u,{listed} {AT}"
+    assert lines_of(2, state)[1] == f"user_session_list,{tags} session_count=3u,{listed} {AT}"
+    assert lines_of(3, state)[0] == f"user_session_summary,{tags} session_count=3i,{listed} {AT}"
+
+
+def test_a_host_whose_users_left_is_written_as_zero() -> None:
+    snapshot = SnapshotLines(config(1))
+    state = state_with((START, "SENSE1", "ann"), (START, "SENSE2", "bob"))
+    assert len(lines_of(1, state, snapshot)) == 6
+    state.apply(SessionEvent(AT, STOP, "SENSE2", "LAB", "bob"))
+    lines = lines_of(1, state, snapshot)
+    assert "user_session_summary,host=SENSE2," in lines[3]
+    assert 'session_count=0.0,session_user_id_list=""' in lines[3]
+    assert len(lines) == 5
+
+
+def test_the_session_id_stays_while_the_user_stays_on() -> None:
+    state = state_with((START, "SENSE1", "ann"))
+    (entry,) = state.hosts["SENSE1"].values()
+    first = session_id("SENSE1", entry)
+    state.apply(SessionEvent(AT, OPEN, "SENSE1", "LAB", "ann", "app-1"))
+    assert session_id("SENSE1", entry) == first
+    state.apply(SessionEvent(AT + 1, STOP, "SENSE1", "LAB", "ann"))
+    state.apply(SessionEvent(AT + 2, START, "SENSE1", "LAB", "ann"))
+    (again,) = state.hosts["SENSE1"].values()
+    assert session_id("SENSE1", again) != first
