@@ -10,6 +10,7 @@ same events applied in sending order) is well defined. A quiet gap separates the
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import pytest
 from senseflow.commands.who import sessions_at
 from shared.config import load_config
 from shared.sessions import SessionState
-from tests.e2e.harness import PacedSender, Service, Subscriber
+from tests.e2e.harness import SENSEFLOW, PacedSender, Service, Subscriber
 from tests.e2e.test_sessions import HOSTS, simulation, wait_until, without_times
 from tests.localservers import InfluxServer, MosquittoServer, free_ports
 
@@ -130,4 +131,26 @@ def test_sessions_reach_http_influxdb_mqtt_and_who(
 
     config = load_config(next(Path(running.log_path).parent.glob("config-0.yaml")))
     assert without_times(sessions_at(config, past, None, None, None)) == expected(half_truth)
+    assert running.terminate() == 0
+
+
+def test_send_session_mode_ground_truth_is_what_the_service_serves(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    """`senseflow send --sessions N --truth FILE` at a few thousand events/s, two workers."""
+    (port,) = free_ports()
+    running = start_service(mqtt=False, workers=2, httpPort=port)
+    truth_file = tmp_path / "truth.jsonl"
+    command = [*SENSEFLOW, "send", "--port", str(running.udp_port), "--sessions", "60"]  # type: ignore[attr-defined]
+    options = ["--count", "5000", "--rate", "3000", "--truth", str(truth_file)]
+    subprocess.run([*command, *options], check=True, timeout=60, capture_output=True)
+    running.wait_counter("written.influxdb", 5000)
+    checkpoints = [json.loads(line) for line in truth_file.read_text().splitlines()]
+    assert [c["sent"] for c in checkpoints] == [1000, 2000, 3000, 4000, 5000]
+    final = checkpoints[-1]
+    assert final["state"]["totals"]["users"] > 10 and final["counters"]["sessions.implicit_start"]
+    wait_until(
+        lambda: without_times(api_sessions(port)) == without_times(final["state"]),
+        "/api/sessions equal to the truth of `senseflow send --sessions`",
+    )
     assert running.terminate() == 0

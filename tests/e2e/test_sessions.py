@@ -153,8 +153,10 @@ def served_equals(port: int, truth: SessionState) -> None:
     """`/api/sessions` shows the ground truth, and the outcome counters on /metrics add up
     to the truth's, however many writers counted them."""
     expected = without_times(truth.snapshot(truth.clock_ns + 1))
-    shown = lambda: without_times(json.loads(served(port, "/api/sessions")))  # noqa: E731
-    wait_until(lambda: shown() == expected, "/api/sessions equal to the ground truth")
+    wait_until(
+        lambda: without_times(json.loads(served(port, "/api/sessions"))) == expected,
+        "/api/sessions equal to the ground truth",
+    )
     assert outcome_counters(port) == truth.counters
 
 
