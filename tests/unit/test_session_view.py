@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from senseflow.httpserver import HttpLimits
@@ -176,3 +177,17 @@ def test_prometheus_session_gauges_cap_the_apps_and_count_the_outcomes(tmp_path:
         "sessions.implicit_start": 1,
         "sessions.expired": 0,
     }
+
+
+def test_http_port_is_the_new_name_of_the_metrics_port() -> None:
+    from senseflow.cli import apply_run_flags, build_parser
+    from shared.config import ConfigError
+
+    parser = build_parser()
+    for flags, port in ((["--http-port", "9100"], 9100), (["--metrics-port", "9101"], 9101)):
+        pipe = apply_run_flags(Config(), parser.parse_args(["run", *flags])).pipeline
+        assert (pipe.http_port or pipe.metrics_port) == port
+    both = config_from_document({"senseflow": {"httpPort": 9102, "metricsPort": 9103}}, {})
+    assert (both.pipeline.http_port or both.pipeline.metrics_port) == 9102
+    with pytest.raises(ConfigError, match=r"senseflow\.httpPort"):
+        config_from_document({"senseflow": {"httpPort": 70000}}, {})
