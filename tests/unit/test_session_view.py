@@ -5,6 +5,7 @@ Prometheus gauges with an app cardinality cap and the `sessions.*` outcome count
 from __future__ import annotations
 
 import json
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,6 +96,7 @@ def test_the_writer_publishes_on_change_and_the_reader_sees_events_still_reorder
         assert keeper.waiting  # all within the 2 s reorder window: none applied yet
         assert publisher.publish()
         assert (publisher.path.stat().st_mtime_ns, publisher.path.stat().st_ino) != written
+        assert stat.S_IMODE(publisher.path.stat().st_mode) == 0o600  # it names users
     reader = LiveSessionsReader.of(config_in(tmp_path))
     now = time.time_ns()
     with reader.state(now) as state:
