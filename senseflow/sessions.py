@@ -83,13 +83,13 @@ class LiveSessionsReader:
         version = (found.st_ino, found.st_mtime_ns, found.st_size)
         if version == self._version:
             return
+        self._version = version  # a bad file is tried once, not at every request
         try:
             published = decode_live(self.path.read_bytes())
         except (OSError, msgspec.DecodeError) as exc:
-            log.warning("sessions: cannot read %s: %s", self.path, exc)
+            log.warning("sessions: cannot read %s (the last state stays): %s", self.path, exc)
             return
         self._state, self.published_ns, self.confirmed_seq = published
-        self._version = version
 
 
 # -- HTTP ----------------------------------------------------------------------------------

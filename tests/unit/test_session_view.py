@@ -193,3 +193,20 @@ def test_http_port_is_the_new_name_of_the_metrics_port() -> None:
     assert (both.pipeline.http_port or both.pipeline.metrics_port) == 9102
     with pytest.raises(ConfigError, match=r"senseflow\.httpPort"):
         config_from_document({"senseflow": {"httpPort": 70000}}, {})
+
+
+def test_a_damaged_live_file_keeps_the_last_state_and_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    items = events(time.time_ns())
+    with writer_side(tmp_path) as (keeper, publisher):
+        keeper.add(keeper.spool.append(b"x", len(items)), batch(items))
+        publisher.publish()
+    reader = LiveSessionsReader.of(config_in(tmp_path))
+    before = document_without_at(reader.document())
+    assert before["totals"]["users"] == 3
+    (tmp_path / "damaged").write_bytes(b"\x93not a state")
+    (tmp_path / "damaged").replace(reader.path)
+    assert document_without_at(reader.document()) == before
+    assert document_without_at(reader.document()) == before
+    assert caplog.text.count("cannot read") == 1
