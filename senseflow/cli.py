@@ -84,6 +84,12 @@ def add_run_command(commands: Any) -> None:
         help="serve Prometheus /metrics and /healthz on PORT (0: off)",
     )
     parser.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics, /healthz and /api/sessions on PORT (--metrics-port's new name)",
+    )
+    parser.add_argument(
         "--spool-discard-mismatch",
         action="store_true",
         default=None,
@@ -104,6 +110,7 @@ def apply_run_flags(config: Config, args: argparse.Namespace) -> Config:
         "log_level": args.log_level,
         "log_format": args.log_format,
         "metrics_port": args.metrics_port,
+        "http_port": args.http_port,
     }
     pipeline = msgspec.structs.replace(
         config.pipeline, **{k: v for k, v in pipeline_flags.items() if v is not None}

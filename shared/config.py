@@ -336,6 +336,8 @@ class SessionOptions(Own, frozen=True):
     mqtt_topic: str = ""
     """Retained per-host summaries go to `<mqttTopic>/<host>`; '' means
     `<everythingTopic>/sessions`."""
+    app_metrics_limit: int = 20
+    """Prometheus: per-app gauges for the top N apps by connections, the rest as `other`."""
 
 
 class Pipeline(Own, frozen=True):
@@ -360,6 +362,9 @@ class Pipeline(Own, frozen=True):
     pending_events: int = 100_000
     """Events a destination holds in memory; the rest waits in the spool."""
     metrics_port: int = 0
+    http_port: int = 0
+    """The HTTP server's port (/metrics, /healthz, /api/sessions); overrides `metricsPort`,
+    its older name, when > 0."""
     metrics_host: str = "127.0.0.1"
     health_deadline: float = 30.0
     """/healthz: seconds a destination may acknowledge nothing while events wait for it."""
@@ -521,11 +526,17 @@ def _check_sessions(sessions: SessionOptions) -> list[str]:
         f"{OWN_SECTION}.sessions.{_camel(name)}: expected seconds >= 1, found {value}"
         for name in ("max_idle", "snapshot_interval")
         if (value := getattr(sessions, name)) < 1
-    ]
+    ] + (
+        [f"{OWN_SECTION}.sessions.appMetricsLimit: expected >= 0, found {limit}"]
+        if (limit := sessions.app_metrics_limit) < 0
+        else []
+    )
 
 
 def _check_metrics(pipe: Pipeline) -> list[str]:
     problems = []
+    if not 0 <= pipe.http_port <= 65535:
+        problems.append(f"{OWN_SECTION}.httpPort: expected a port 0-65535, found {pipe.http_port}")
     if not 0 <= pipe.metrics_port <= 65535:
         problems.append(
             f"{OWN_SECTION}.metricsPort: expected a port 0-65535 (0: off), "

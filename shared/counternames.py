@@ -108,6 +108,23 @@ def spool_mismatch(destination: str) -> str:
     return f"{DROPPED}.{SPOOL_MISMATCH}.{destination}"
 
 
+SESSIONS_UNMATCHED_STOP = "sessions.unmatched_stop"
+"""A Stop session for a user with no session on that host (SPEC 3a rule 2)."""
+SESSIONS_IMPLICIT_START = "sessions.implicit_start"
+"""An Open connection of a user with no session there: it gets one (rule 3)."""
+SESSIONS_UNMATCHED_CLOSE = "sessions.unmatched_close"
+"""A Close connection with no open connection to close (rule 4)."""
+SESSIONS_EXPIRED = "sessions.expired"
+"""A user removed from a host after `sessions.maxIdle` without an event (rule 5)."""
+SESSION_OUTCOMES: tuple[str, ...] = (
+    SESSIONS_UNMATCHED_STOP,
+    SESSIONS_UNMATCHED_CLOSE,
+    SESSIONS_IMPLICIT_START,
+    SESSIONS_EXPIRED,
+)
+"""Counted in the writer's session state and checkpointed with it (not in a shared
+counter block): exact across restarts, cumulative over the spool's lifetime."""
+
 MQTT_REPUBLISHED = "mqtt.republished"
 NEWRELIC_SPLITS = "newrelic.splits"
 NATS_DUPLICATES = "nats.duplicates"
@@ -181,5 +198,6 @@ DOCUMENTED: tuple[str, ...] = (
     NATS_DUPLICATES,
     NATS_REPUBLISHED,
     SOCKET_ERRORS,
+    *SESSION_OUTCOMES,
 )
 """Every visible counter, as the counter table of docs/OPERATIONS.md names it."""

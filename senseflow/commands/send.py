@@ -80,12 +80,26 @@ def add_send_command(commands: Any) -> None:
         help="live progress bar (default: when stderr is a terminal)",
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        metavar="N",
+        help="session mode: N simulated users with a known ground truth (see --truth)",
+    )
+    parser.add_argument(
+        "--truth", metavar="FILE", help="session mode: write the ground truth as JSON lines"
+    )
+    parser.add_argument(
+        "--truth-every", type=int, default=1000, metavar="K", help="a truth line every K sent"
+    )
     parser.set_defaults(command=run_send)
 
 
 def run_send(args: argparse.Namespace) -> int:
     if args.count is None and args.duration is None:
         args.duration = 10.0
+    if args.sessions:
+        return run_session_mode(args)
     total = args.count if args.count is not None else int(args.rate * args.duration) or POOL_LIMIT
     pool = make_corpus(min(max(total, 1), POOL_LIMIT), args.seed, args.invalid_share, args.formats)
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
@@ -106,6 +120,23 @@ def run_send(args: argparse.Namespace) -> int:
     else:
         print(summary(report))
     return 0 if not report.errors else 1
+
+
+def run_session_mode(args: argparse.Namespace) -> int:
+    from senseflow.commands.sessionsim import Simulation, send_sessions
+
+    count = args.count if args.count is not None else int(args.rate * args.duration)
+    simulation = Simulation(args.sessions, args.seed)
+    started = time.perf_counter()
+    sent = send_sessions(
+        (args.host, args.port), simulation, count, args.rate, max(1, args.truth_every), args.truth
+    )
+    totals = simulation.truth.totals()
+    print(
+        f"sent {sent:,} session datagrams in {time.perf_counter() - started:.2f} s; now on: "
+        f"{totals[0]} sessions, {totals[1]} users, {totals[2]} connections"
+    )
+    return 0
 
 
 def send(

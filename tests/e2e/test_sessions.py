@@ -8,16 +8,19 @@ the writer checkpointed must equal (a) the ground truth of the simulation, times
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from senseflow.commands.who import sessions_at
 from shared.config import load_config
@@ -32,7 +35,7 @@ from tests.e2e.harness import (
     udp_port,
     write_config,
 )
-from tests.localservers import InfluxServer
+from tests.localservers import InfluxServer, free_ports
 from workers.writer.sessions import CHECKPOINT_FILE, SessionCheckpoint
 
 pytestmark = pytest.mark.slow
@@ -104,7 +107,8 @@ def test_writer_sigkill_mid_run_keeps_the_session_state_exact(
     sending order, so only one reader has a ground truth to compare with; either way the
     state must be that of the events in receive-time order, which `who` replays."""
     datagrams, truth = simulation(6000, seed=21)
-    running = start_service(mqtt=False, workers=2, readers=readers)
+    (http_port,) = free_ports()
+    running = start_service(mqtt=False, workers=2, readers=readers, httpPort=http_port)
     sender = PacedSender(running.udp_port, datagrams, rate=2000)  # type: ignore[attr-defined]
     sender.start()
     sender.wait_sent(2500)
@@ -113,6 +117,9 @@ def test_writer_sigkill_mid_run_keeps_the_session_state_exact(
     running.wait_for_log(f"writer (pid {writer}) died: killed by SIGKILL")
     sender.join()
     running.wait_counter("written.influxdb", len(datagrams))
+    if readers == 1:  # the restarted writer's state, as the supervisor serves it
+        served_equals(http_port, truth)
+        ends_written(influx_server, influx_db, truth)
     assert running.terminate() == 0
     assert running.counters()["events"] == len(datagrams)
     assert influx_count(influx_server, influx_db) == len(datagrams)
@@ -126,6 +133,55 @@ def test_writer_sigkill_mid_run_keeps_the_session_state_exact(
     if readers == 1:
         assert without_times(shown) == without_times(truth.snapshot(truth.clock_ns + 1))
         assert live.counters == truth.counters
+
+
+def served(port: int, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+        body: bytes = answer.read()
+    return body
+
+
+def outcome_counters(port: int) -> dict[str, float]:
+    return {
+        sample.labels["counter"]: sample.value
+        for family in text_string_to_metric_families(served(port, "/metrics").decode())
+        for sample in family.samples
+        if sample.name == "senseflow_session_outcomes_total"
+    }
+
+
+def served_equals(port: int, truth: SessionState) -> None:
+    """`/api/sessions` shows the ground truth, and the outcome counters on /metrics add up
+    to the truth's, however many writers counted them."""
+    expected = without_times(truth.snapshot(truth.clock_ns + 1))
+    wait_until(
+        lambda: without_times(json.loads(served(port, "/api/sessions"))) == expected,
+        "/api/sessions equal to the ground truth",
+    )
+    assert outcome_counters(port) == truth.counters
+
+
+def ended_points(influx: InfluxServer, database: str) -> tuple[int, int]:
+    """Points in user_session_ended and user_connection_ended."""
+    counts = []
+    for name in ("user_session_ended", "user_connection_ended"):
+        answer = influx.query(f'SELECT count("duration_seconds") FROM "{name}"', db=database)
+        series = answer["results"][0].get("series")
+        counts.append(series[0]["values"][0][1] if series else 0)
+    return counts[0], counts[1]
+
+
+def ends_of(truth: SessionState) -> tuple[int, int]:
+    assert len(truth.ended) == truth.ended_seq  # all kept: countable
+    sessions = sum(1 for end in truth.ended if end.app_id is None)
+    return sessions, len(truth.ended) - sessions
+
+
+def ends_written(influx: InfluxServer, database: str, truth: SessionState) -> None:
+    """Every end once, however often the writer or the service was killed."""
+    expected = ends_of(truth)
+    assert expected[0] > 50 and expected[1] > 50
+    wait_until(lambda: ended_points(influx, database) == expected, f"{expected} ends written")
 
 
 @pytest.fixture
@@ -165,6 +221,7 @@ def test_whole_service_sigkill_then_restart_keeps_the_session_state_exact(
 ) -> None:
     datagrams, truth = simulation(6000, seed=22)
     port = udp_port()
+    (http_port,) = free_ports()
     config = write_config(
         tmp_path / "config.yaml",
         port,
@@ -172,6 +229,7 @@ def test_whole_service_sigkill_then_restart_keeps_the_session_state_exact(
         influx_db,
         workers=2,
         spool={"segmentBytes": 64 * 1024},  # small: covered segments are deleted
+        httpPort=http_port,
     )
     first = services(config)
     PacedSender(port, datagrams[:3000], rate=2000).run()
@@ -182,8 +240,11 @@ def test_whole_service_sigkill_then_restart_keeps_the_session_state_exact(
 
     assert spooled_events(spool_directory(config)) < 3500  # the spool let go of some
     second = services(config)
+    served_equals(http_port, simulation(3500, seed=22)[1])  # the first 3500 events' truth
     PacedSender(port, datagrams[3500:], rate=2000).run()
     wait_until(lambda: influx_count(influx_server, influx_db) == 6000, "6000 points written")
+    served_equals(http_port, truth)
+    ends_written(influx_server, influx_db, truth)
     assert second.terminate() == 0
     assert second.counters()["events"] == 2500
 

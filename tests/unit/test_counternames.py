@@ -18,6 +18,7 @@ COUNTER_PREFIXES = (
     names.NEWRELIC_SPLITS,
     names.MQTT_REPUBLISHED,
     names.SOCKET_ERRORS,
+    *names.SESSION_OUTCOMES,
     names.HEARTBEAT,
     names.WORKER_NUMBER,
     names.WORKER_HELD,

@@ -37,6 +37,7 @@ from shared.logs import RateLimitedLog, setup_logging
 from shared.tasks import cancel_all, spawn
 from workers.writer.destinations import enabled_destinations
 from workers.writer.feeds import BatchCache, Feed, read_batch
+from workers.writer.sessionpublish import SessionPublisher
 from workers.writer.sessions import CONSUMER, SessionKeeper
 from workers.writer.sinks.base import DestinationUnreachable
 from workers.writer.spool import Spool, SpoolWriteError
@@ -108,6 +109,7 @@ class Writer:
             asyncio.create_task(self.report_loop(), name="writer.report"),
             spawn(self.sync_loop(), name="writer.spool-sync"),
             spawn(self.session_checkpoint_loop(), name="writer.sessions"),
+            spawn(self.session_publish_loop(), name="writer.sessions.publish"),
         ]
         await self.consume()
         if self.failure is not None:
@@ -187,6 +189,11 @@ class Writer:
         sync = self.config.pipeline.spool.fsync != "never"
         self.sessions = SessionKeeper(self.config.pipeline.sessions, self.spool, sync=sync)
         self.sessions.start()
+
+    async def session_publish_loop(self) -> None:
+        """The live view for the supervisor (/api/sessions, shared/sessionlive.py)."""
+        if self.sessions is not None:
+            await SessionPublisher(self.sessions).run()
 
     async def session_checkpoint_loop(self) -> None:
         while self.sessions is not None:
@@ -372,6 +379,7 @@ class Writer:
         if self.sessions is not None:
             self.sessions.flush()
             self.sessions.checkpoint()
+            SessionPublisher(self.sessions).publish()  # the final state, for the next start
         if self.spool is not None:
             self.spool.close()
         log.info("writer drained in %.2fs", time.monotonic() - started)

@@ -62,6 +62,8 @@ class SessionKeeper:
         self.waiting: list[SessionEvent] = []
         self.cursor = spool.cursors[CONSUMER]
         self.saved_cursor = -1
+        self.generation = 0
+        """Moves with every batch of session events: the publisher writes only then."""
         self._latest_ns = 0
 
     # -- start: checkpoint, then the spool after it -------------------------------------------
@@ -116,6 +118,7 @@ class SessionKeeper:
         self.cursor = seq + 1
         if not batch.sessions:
             return
+        self.generation += 1
         events = _EVENTS.decode(batch.sessions)
         events.sort(key=_time)  # one reader's batch: sorted already, so linear
         self._merge(events)

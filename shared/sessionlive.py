@@ -1,0 +1,63 @@
+"""The live session state as the writer publishes it for the supervisor (SPEC 3a).
+
+The writer holds the state (workers/writer/sessions.py); the supervisor serves it
+(`/api/sessions`, Prometheus, InfluxDB snapshots, MQTT summaries). The writer writes
+`sessions.live` in its spool directory, whole, to a temporary file renamed into place, so
+a reader sees one version or the next, never half. It holds the state and the events
+still in the reorder buffer: the reader applies those to its own copy, so what it shows
+lags the events only by the workers' flush and the publish interval, while the writer's
+state keeps its exact receive-time order.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import msgspec
+
+from shared.sessions import Checkpoint, SessionEvent, SessionState
+
+LIVE_FILE = "sessions.live"
+
+
+class LiveSessions(msgspec.Struct, array_like=True):
+    published_ns: int
+    state: Checkpoint
+    waiting: list[SessionEvent]
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(LiveSessions)
+
+
+def encode_live(state: SessionState, waiting: list[SessionEvent], now_ns: int) -> bytes:
+    return _ENCODER.encode(LiveSessions(now_ns, state.saved(), waiting))
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Private (0600: it names users) and never through a link planted in the directory."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+    descriptor = os.open(temporary, flags, 0o600)
+    with open(descriptor, "wb") as out:
+        out.write(data)
+    os.replace(temporary, path)
+
+
+class Published(NamedTuple):
+    state: SessionState
+    """With the waiting events applied."""
+    published_ns: int
+    confirmed_seq: int
+    """Ends numbered below this are the writer's own; the ones the waiting events made
+    here may yet be numbered otherwise (a late batch can still sort before them)."""
+
+
+def decode_live(data: bytes) -> Published:
+    live = _DECODER.decode(data)
+    state = SessionState.from_checkpoint(live.state)
+    for event in live.waiting:
+        state.apply(event)
+    return Published(state, live.published_ns, live.state.ended_seq)
