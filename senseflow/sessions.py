@@ -49,6 +49,7 @@ class LiveSessionsReader:
         self._version: tuple[int, int, int] | None = None
         self._state = SessionState(max_idle_ns)
         self.published_ns = 0
+        self.confirmed_seq = 0
 
     @classmethod
     def of(cls, config: Config) -> LiveSessionsReader:
@@ -78,11 +79,12 @@ class LiveSessionsReader:
         if version == self._version:
             return
         try:
-            state, published = decode_live(self.path.read_bytes())
+            published = decode_live(self.path.read_bytes())
         except (OSError, msgspec.DecodeError) as exc:
             log.warning("sessions: cannot read %s: %s", self.path, exc)
             return
-        self._state, self.published_ns, self._version = state, published, version
+        self._state, self.published_ns, self.confirmed_seq = published
+        self._version = version
 
 
 # -- HTTP ----------------------------------------------------------------------------------
