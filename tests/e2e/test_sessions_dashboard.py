@@ -11,8 +11,10 @@ the two session lengths in the duration histogram, the browsers and operating sy
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +26,7 @@ import yaml
 from senseflow.commands.corpus import APP_IDS, USER_AGENTS, app_names
 from senseflow.commands.sessionsim import datagram
 from tests.e2e.conftest import StartService
+from tests.e2e.harness import SENSEFLOW
 from tests.e2e.observe import wait_for
 from tests.e2e.test_dashboards import DASHBOARDS, concrete, has_data, influxql_queries
 from tests.localservers import InfluxServer
@@ -191,3 +194,51 @@ def test_sessions_dashboard_shows_the_scenario(
         title, ref = where.removeprefix("panel ").rsplit(" ", 1)
         check_panel(title.strip("'\""), ref, series(answer), lengths)
     assert service.terminate() == 0
+
+
+def panel_answer(
+    dashboard: dict[str, Any], title: str, ref: str, influx: InfluxServer, db: str
+) -> Series:
+    """The answer to one panel target, Grafana's macros filled in."""
+    wanted = f"panel {title!r} {ref}"
+    (query,) = [query for where, query in influxql_queries(dashboard) if where == wanted]
+    return series(influx.query(concrete(query, MACROS), db=db))
+
+
+def test_sessions_dashboard_equals_the_truth_of_send_sessions(
+    tmp_path: Path, start_service: StartService, influx_server: InfluxServer, influx_db: str
+) -> None:
+    """`senseflow send --sessions`: many users on four hosts, implicit starts, unmatched
+    stops; the panels' latest values equal the ground truth's sessions and users per host."""
+    service = start_service(mqtt=False, workers=2, sessions={"snapshotInterval": 1})
+    truth_file = tmp_path / "truth.jsonl"
+    command = [*SENSEFLOW, "send", "--port", str(service.udp_port), "--sessions", "60"]  # type: ignore[attr-defined]
+    options = ["--count", "4000", "--rate", "3000", "--truth", str(truth_file)]
+    subprocess.run([*command, *options], check=True, timeout=60, capture_output=True)
+    service.wait_counter("written.influxdb", 4000)
+    final = json.loads(truth_file.read_text().splitlines()[-1])["state"]
+    sessions = {h["host"]: float(h["sessions"]) for h in final["hosts"]}
+    users = {h["host"]: float(h["users"]) for h in final["hosts"]}
+    assert len(sessions) >= 3 and sum(sessions.values()) > 20
+
+    def latest() -> dict[str, float]:
+        return {host: n for host, n in summary(influx_server, influx_db).items() if n}
+
+    settled = wait_for(lambda: latest() == sessions and time.time(), 20, "the final snapshot")
+    later = int((settled + 1.5) * 1e9)
+    newer = f'SELECT count("session_count") FROM "user_session_summary" WHERE time > {later}'
+    wait_for(lambda: series(influx_server.query(newer, db=influx_db)), 20, "a later snapshot")
+
+    dashboard = json.loads((DASHBOARDS / "sessions.json").read_text(encoding="utf-8"))
+    answer = functools.partial(panel_answer, dashboard, influx=influx_server, db=influx_db)
+    assert series_values(answer("Sessions now", "A")) == [sum(sessions.values())]
+    shown = by_tag(answer("Concurrent sessions per server", "A"), "host", last)
+    assert {host: n for host, n in shown.items() if n} == sessions
+    assert by_tag(answer("Concurrent users per server", "A"), "host", last) == users
+    peak = series_values(answer("Peak sessions (time range)", "A"))
+    assert peak[0] >= sum(sessions.values())
+    assert service.terminate() == 0
+
+
+def series_values(found: Series) -> list[Any]:
+    return [row[1] for _, rows in found for row in rows]
