@@ -5,6 +5,7 @@ macros and variables replaced by concrete values, runs without error against a r
 InfluxDB filled by the running service, and returns data.
 senseflow-metrics.json: every metric name in its PromQL exists in a scrape of the
 running service's /metrics.
+sessions.json: tests/e2e/test_sessions_dashboard.py (a session scenario with known answers).
 """
 
 from __future__ import annotations
