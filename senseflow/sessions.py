@@ -10,7 +10,6 @@ sweeps idle users at the time it is taken, as the state does (SPEC 3a rule 5).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import threading
@@ -96,7 +95,7 @@ def sessions_handler(reader: LiveSessionsReader) -> Handler:
     def answer(request: Request) -> Response:
         query = urllib.parse.parse_qs(request.query)
         host, user, app = (query.get(key, [None])[-1] or None for key in ("host", "user", "app"))
-        body = json.dumps(reader.document(host, user, app)).encode()
+        body = msgspec.json.encode(reader.document(host, user, app))
         return Response(200, "application/json", body, {"Cache-Control": "no-store"})
 
     return answer

@@ -37,8 +37,12 @@ def encode_live(state: SessionState, waiting: list[SessionEvent], now_ns: int) -
 
 
 def write_atomically(path: Path, data: bytes) -> None:
+    """Private (0600: it names users) and never through a link planted in the directory."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+    descriptor = os.open(temporary, flags, 0o600)
+    with open(descriptor, "wb") as out:
+        out.write(data)
     os.replace(temporary, path)
 
 
