@@ -5,20 +5,21 @@ macros and variables replaced by concrete values, runs without error against a r
 InfluxDB filled by the running service, and returns data.
 senseflow-metrics.json: every metric name in its PromQL exists in a scrape of the
 running service's /metrics.
+sessions.json: tests/e2e/test_sessions_dashboard.py (a session scenario with known answers).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import yaml
 
-from senseflow.commands.corpus import app_names, make_corpus
+from senseflow.commands.corpus import DIRECTORIES, HOSTS, app_names, make_corpus
 from senseflow.commands.send import send
 from tests.e2e.conftest import StartService
 from tests.e2e.harness import REPO
@@ -59,8 +60,8 @@ def influxql_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
-def concrete(query: str) -> str:
-    for macro, text in MACROS.items():
+def concrete(query: str, macros: dict[str, str] = MACROS) -> str:
+    for macro, text in macros.items():
         query = query.replace(macro, text)
     assert not GRAFANA_VARIABLE.search(query), f"an unreplaced Grafana variable in {query}"
     return query
@@ -103,10 +104,36 @@ def test_user_events_dashboard_queries_run_on_what_we_write(
 
     dashboard = json.loads((DASHBOARDS / "user-events.json").read_text(encoding="utf-8"))
     queries = influxql_queries(dashboard)
-    assert len(queries) >= 15
+    assert len(queries) >= 21
+    assert set(PLAUSIBLE) <= {where for where, _ in queries}
     for where, query in queries:
         answer = influx_server.query(concrete(query), db=influx_db)  # raises on any error
         assert has_data(answer), f"{where} returned no data: {concrete(query)}\n{answer!r:.500}"
+        if check := PLAUSIBLE.get(where):
+            assert check(values(answer), len(datagrams)), f"{where}: {answer!r:.1000}"
+
+
+def values(answer: dict[str, Any]) -> list[tuple[dict[str, str], list[Any]]]:
+    """(tags, first value column) per series."""
+    series = answer["results"][0].get("series", [])
+    return [(s.get("tags", {}), [row[1] for row in s["values"]]) for s in series]
+
+
+PLAUSIBLE: dict[str, Callable[[list[tuple[dict[str, str], list[Any]]], int], bool]] = {
+    "panel 'Events by action per host' A": lambda found, sent: (
+        sum(sum(v) for _, v in found) == sent and {t["host"] for t, _ in found} >= set(HOSTS)
+    ),
+    "panel 'Events by origin' A": lambda found, sent: sum(sum(v) for _, v in found) == sent,
+    "panel 'Top users by events' A": lambda found, _: (
+        len(found[0][1]) == 10 and found[0][1] == sorted(found[0][1], reverse=True)
+    ),
+    "panel 'Top apps by connection opens' A": lambda found, _: (
+        len(found[0][1]) == 10 and min(found[0][1]) > 0
+    ),
+    "panel 'Users by directory' A": lambda found, _: (
+        {t["userDirectory"] for t, _ in found} == set(DIRECTORIES)
+    ),
+}
 
 
 PROMQL_NAME = re.compile(r"\bsenseflow_[a-z0-9_]+\b")
