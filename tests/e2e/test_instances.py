@@ -89,7 +89,7 @@ class Scenario:
         self.events.append((source, event))
         return source, datagram(action, host, user, app)
 
-    def truth(self, hosts: set[str]) -> dict[str, Any]:
+    def truth(self, hosts: set[str]) -> Any:
         state = SessionState(86_400 * 10**9)
         for _, event in self.events:
             if event.host in hosts:
@@ -166,6 +166,17 @@ def get(url: str) -> Any:
         return json.loads(answer.read())
 
 
+def wait_merged(url: str, expected: Any, missing: list[str]) -> None:
+    """The merged `/api/sessions` of `url` shows `expected`; `missing` peers are named."""
+
+    def shown() -> bool:
+        return bool(without_times(get(f"{url}/api/sessions")) == expected)
+
+    wait_for(shown, 15, f"merged /api/sessions of {url} equal to the ground truth")
+    merged = get(f"{url}/api/sessions")
+    assert (merged["partial"], merged["missingPeers"]) == (bool(missing), missing)
+
+
 def counts_by_host_and_instance(influx: InfluxServer, db: str) -> dict[tuple[str, str], int]:
     answer = influx.query(
         'SELECT sum("counter") FROM "event_count" GROUP BY "host", "senseflow_instance"', db=db
@@ -198,13 +209,12 @@ def test_three_instances_behind_nginx_give_one_view_and_survive_a_loss(
     assert len(counts_by_host_and_instance(influx_server, influx_db)) == len(SOURCES)
     everyone = set(HOST_OF.values())
     for url in urls:
-        wait_for(
-            lambda url=url: without_times(get(f"{url}/api/sessions")) == scenario.truth(everyone),
-            15,
-            f"merged /api/sessions of {url} equal to the ground truth",
+        wait_merged(url, scenario.truth(everyone), [])
+    with urllib.request.urlopen(f"{urls[0]}/metrics", timeout=10) as answer:
+        info = (
+            'senseflow_instance_info{instance_index="0",instances="3",senseflow_instance="node0"}'
         )
-        merged = get(f"{url}/api/sessions")
-        assert (merged["partial"], merged["missingPeers"]) == (False, [])
+        assert f"{info} 1.0" in answer.read().decode()
     local_hosts = [{h["host"] for h in get(f"{url}/api/sessions?local=1")["hosts"]} for url in urls]
     for index, hosts in enumerate(local_hosts):
         assert hosts <= {host for host, node in where.items() if node == f"node{index}"}
@@ -227,13 +237,5 @@ def test_three_instances_behind_nginx_give_one_view_and_survive_a_loss(
     total = sum((kept + before_kill).values())
     wait_for(lambda: influx_count(influx_server, influx_db) == total, 30, "nothing else lost")
     expected = scenario.truth(survivors)
-    for index, url in enumerate(urls):
-        if index == victim:
-            continue
-        wait_for(
-            lambda url=url: without_times(get(f"{url}/api/sessions")) == expected,
-            15,
-            f"merged /api/sessions of {url} equal to the survivors' ground truth",
-        )
-        merged = get(f"{url}/api/sessions")
-        assert (merged["partial"], merged["missingPeers"]) == (True, [urls[victim]])
+    for url in urls[:victim] + urls[victim + 1 :]:
+        wait_merged(url, expected, [urls[victim]])
