@@ -10,7 +10,6 @@ sweeps idle users at the time it is taken, as the state does (SPEC 3a rule 5).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import threading
@@ -49,6 +48,7 @@ class LiveSessionsReader:
         self._version: tuple[int, int, int] | None = None
         self._state = SessionState(max_idle_ns)
         self.published_ns = 0
+        self.confirmed_seq = 0
 
     @classmethod
     def of(cls, config: Config) -> LiveSessionsReader:
@@ -78,11 +78,12 @@ class LiveSessionsReader:
         if version == self._version:
             return
         try:
-            state, published = decode_live(self.path.read_bytes())
+            published = decode_live(self.path.read_bytes())
         except (OSError, msgspec.DecodeError) as exc:
             log.warning("sessions: cannot read %s: %s", self.path, exc)
             return
-        self._state, self.published_ns, self._version = state, published, version
+        self._state, self.published_ns, self.confirmed_seq = published
+        self._version = version
 
 
 # -- HTTP ----------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ def sessions_handler(reader: LiveSessionsReader) -> Callable[[Request], Response
     def answer(request: Request) -> Response:
         query = urllib.parse.parse_qs(request.query)
         host, user, app = (query.get(key, [None])[-1] or None for key in ("host", "user", "app"))
-        body = json.dumps(reader.document(host, user, app)).encode()
+        body = msgspec.json.encode(reader.document(host, user, app))
         return Response(200, "application/json", body, {"Cache-Control": "no-store"})
 
     return answer
