@@ -14,13 +14,14 @@ view alone, which is also what stops the peers from asking each other in circles
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+import msgspec
 
 from senseflow.httpserver import Request, Response
 from shared.logs import RateLimitedLog
@@ -45,8 +46,8 @@ def fetch_peer(base: str, query: str, token: str, timeout: float) -> Document:
         with urllib.request.urlopen(
             urllib.request.Request(url, headers=headers), timeout=timeout
         ) as answer:
-            document = json.loads(answer.read(MAX_PEER_BYTES))
-    except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts, bad JSON
+            document = msgspec.json.decode(answer.read(MAX_PEER_BYTES))
+    except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts, msgspec.DecodeError
         raise PeerError(str(exc)) from exc
     if not isinstance(document, dict) or not isinstance(document.get("hosts"), list):
         raise PeerError("not a sessions document")
@@ -130,7 +131,8 @@ def merged_handler(
     async def with_peers(query: str, own: Response) -> Response:
         peer_query = urllib.parse.urlencode([*urllib.parse.parse_qsl(query), ("local", "1")])
         others, missing = await gather_peers(peers, peer_query, token, timeout)
-        body = json.dumps(merge_documents(json.loads(own.body), others, missing)).encode()
+        merged = merge_documents(msgspec.json.decode(own.body), others, missing)
+        body = msgspec.json.encode(merged)
         return Response(200, own.content_type, body, own.headers)
 
     return answer
