@@ -62,6 +62,12 @@ class LiveSessionsReader:
             self._state.sweep(time.time_ns() if now_ns is None else now_ns)
             yield self._state
 
+    def version(self) -> tuple[int, int, int] | None:
+        """Changes whenever a new state is published (stat only)."""
+        with self.lock:
+            self._refresh()
+            return self._version
+
     def document(
         self, host: str | None = None, user: str | None = None, app: str | None = None
     ) -> dict[str, Any]:

@@ -59,6 +59,7 @@ log = logging.getLogger("senseflow.sessions")
 
 SOURCE = "user_events"
 ENDED_SECONDS = 1.0
+LINES_PER_POST = 5000
 
 
 def enabled(config: Config) -> bool:
@@ -133,6 +134,12 @@ class SnapshotLines:
             )
             lines.append(f"{measurement('user_session_details')}{common}{own} {fields} {at_ns}")
         return lines
+
+
+def chunks(body: bytes, lines: int) -> list[bytes]:
+    """`body` cut after every `lines` lines (InfluxDB 1.x refuses bodies over 25 MB)."""
+    split = body.splitlines(keepends=True)
+    return [b"".join(split[i : i + lines]) for i in range(0, len(split), lines)]
 
 
 def ended_lines(ended: list[Ended], extra: list[tuple[str, str]], integers: bool) -> bytes:
@@ -214,9 +221,8 @@ class SessionSnapshots:
         now = time.time_ns()
         with self.reader.state(now) as state:
             body = self.snapshot.lines(state.hosts, now)
-        if not body:
-            return
         try:
-            self.target.post(body)
+            for chunk in chunks(body, LINES_PER_POST):
+                self.target.post(chunk)
         except StatsWriteError as exc:  # the next snapshot carries the state again
             self.failures.warning("cannot write session snapshots to InfluxDB: %s", exc)

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 import aiomqtt
@@ -30,6 +31,7 @@ from workers.writer.sinks.mqtt import MqttSink, default_client_id
 log = logging.getLogger("senseflow.sessions")
 
 CHECK_SECONDS = 1.0
+RECHECK_SECONDS = 60.0
 TIMEOUT = 10.0
 
 
@@ -65,6 +67,8 @@ class SessionSummaries:
         self.reader = reader
         self.base = base_topic(config)
         self.published: dict[str, dict[str, Any]] = {}
+        self.seen_version: tuple[int, int, int] | None = None
+        self.recheck_at = 0.0
         self.failures = RateLimitedLog(log, interval=60.0)
         self.loop = asyncio.new_event_loop()
         self.stopping = asyncio.Event()
@@ -84,6 +88,12 @@ class SessionSummaries:
         self.loop.close()
 
     def changed(self) -> dict[str, dict[str, Any]]:
+        """Summaries that differ from those published; only looked at when a new state was
+        published, or every `RECHECK_SECONDS` (expiry changes the state without one)."""
+        version, now = self.reader.version(), time.monotonic()
+        if version == self.seen_version and now < self.recheck_at:
+            return {}
+        self.seen_version, self.recheck_at = version, now + RECHECK_SECONDS
         with self.reader.state() as state:
             current = {host: summary(host, users) for host, users in state.hosts.items()}
         for host in self.published.keys() - current.keys():
@@ -97,6 +107,7 @@ class SessionSummaries:
                 async with self.client() as client:
                     backoff.reset()
                     self.published.clear()  # a new connection: publish every host again
+                    self.recheck_at = 0.0
                     await self.publish_loop(client)
             except aiomqtt.MqttError as exc:
                 self.failures.warning("session summaries: MQTT: %s", exc)

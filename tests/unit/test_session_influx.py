@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from senseflow.sessionsinflux import SnapshotLines, ended_lines, session_id
+from senseflow.sessionsinflux import SnapshotLines, chunks, ended_lines, session_id
 from shared.config import config_from_document
 from shared.sessions import CLOSE, OPEN, START, STOP, Ended, SessionEvent, SessionState
 
@@ -111,3 +111,10 @@ def test_ends_are_recorded_numbered_kept_in_the_checkpoint_and_written_at_their_
         "user_session_ended,host=S1,user=LAB\\ann,source=user_events,env=prod "
         f"duration_seconds=9.0 {AT + 9 * s}",
     ]
+
+
+def test_a_large_snapshot_is_posted_in_chunks_of_whole_lines() -> None:
+    body = b"".join(b"m f=%d %d\n" % (i, i) for i in range(12))
+    assert b"".join(chunks(body, 5)) == body
+    assert [len(c.splitlines()) for c in chunks(body, 5)] == [5, 5, 2]
+    assert chunks(b"", 5) == []
