@@ -16,7 +16,7 @@ install: $(STAMP)
 
 # influxd, mosquitto and nats-server are real components of the tests and of `make run`.
 system-deps:
-	@command -v influxd >/dev/null && command -v mosquitto >/dev/null && command -v nats-server >/dev/null || scripts/install-system-deps.sh
+	@command -v influxd >/dev/null && command -v mosquitto >/dev/null && command -v nats-server >/dev/null && test -e /usr/lib/nginx/modules/ngx_stream_module.so || scripts/install-system-deps.sh
 
 run: install system-deps
 	$(BIN)/python scripts/devrun.py

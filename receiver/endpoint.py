@@ -15,6 +15,7 @@ from typing import Any
 
 from receiver.guards import RateLimiter
 from shared import counternames as names
+from shared.config import Pipeline
 from shared.counters import Counters
 from shared.events import RAW_ENCODER, RawBatch
 from shared.ipc import MessageChannel
@@ -41,6 +42,15 @@ class ReceiveClock:
             now = self._last + stride
         self._last = now
         return now
+
+
+def instance_clock(pipeline: Pipeline, reader_index: int) -> ReceiveClock:
+    """Reader r of instance i: times congruent to i * readers + r modulo instances * readers,
+    so no two readers of no two instances ever stamp the same nanosecond."""
+    readers = pipeline.readers
+    return ReceiveClock(
+        pipeline.instance_index * readers + reader_index, pipeline.instances * readers
+    )
 
 
 class BatchingEndpoint(asyncio.DatagramProtocol):

@@ -10,7 +10,7 @@ import sys
 
 import uvloop
 
-from receiver.endpoint import BatchingEndpoint, ReceiveClock
+from receiver.endpoint import BatchingEndpoint, instance_clock
 from receiver.guards import RateLimiter, resolve_sources
 from shared import counternames as names
 from shared import exitcodes
@@ -101,7 +101,7 @@ class Reader:
         # over: a reader killed loses only its partial batch, never counted as received.
         self.counters = Counters()
         self.shared = shared
-        self.clock = ReceiveClock(index, config.pipeline.readers)
+        self.clock = instance_clock(config.pipeline, index)
         self.kernel_drops = KernelDrops(sock)
         self.index = index
         self.limiter: RateLimiter | None = None

@@ -12,7 +12,8 @@ Limits, all enforced here for every route:
   (`/healthz`) needs `Authorization: Bearer <token>` or `Basic <user:password>`.
 
 Handlers are plain functions `(Request) -> Response`, run on the loop's thread: they must
-be quick (a scrape is), or hand their work elsewhere.
+be quick (a scrape is), or hand their work elsewhere; one that waits on the network
+returns an awaitable instead, which the loop awaits (`/api/sessions` asking its peers).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import asyncio
 import base64
 import binascii
 import hmac
+import inspect
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -51,7 +53,7 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-Handler = Callable[[Request], Response]
+Handler = Callable[[Request], Response | Awaitable[Response]]
 
 
 @dataclass(frozen=True)
@@ -132,9 +134,10 @@ class HttpServer:
             request = await asyncio.wait_for(read_request(reader), self.limits.request_timeout)
         except HttpError as exc:
             return text_response(exc.status)
-        return self.dispatch(request)
+        response = self.dispatch(request)
+        return await response if inspect.isawaitable(response) else response
 
-    def dispatch(self, request: Request) -> Response:
+    def dispatch(self, request: Request) -> Response | Awaitable[Response]:
         handler, public = self.routes.get(request.path, (None, True))
         if handler is None:
             known = " ".join(sorted(self.routes))

@@ -49,6 +49,11 @@ What Butler SOS writes, and where we read it (github.com/ptarmiganlabs/butler-so
   `qlikSenseEvents.influxdb.writeFrequency` ms when `qlikSenseEvents.influxdb.enable` and
   `qlikSenseEvents.eventCount.enable`, counts since the previous write.
 
+Ours on top, on both measurements: the tag `senseflow_instance=<senseflow.instance>` (like
+Butler SOS's own `butler_sos_instance` on its other measurements), so that several
+instances, even on one host, write separate series; Butler SOS's dashboards group by the
+tags above and ignore it.
+
 Field types follow Butler SOS per InfluxDB version: its 1.x writer (node-influx, no schema)
 stores every number as a float, its 2.x/3.x writers use integer fields where the builder
 says `int`; an existing database therefore gets no field-type conflict.
@@ -71,7 +76,7 @@ from typing import TYPE_CHECKING, Any
 from senseflow.telemetry import Histogram
 from shared import counternames as names
 from shared import influxql
-from shared.config import Config, NameValue, redact
+from shared.config import Config, NameValue, instance_name, redact
 from shared.counters import total
 from shared.delivery import LATENCY_BUCKETS
 from shared.ipc import RAW_BYTES_PER_DATAGRAM
@@ -88,6 +93,7 @@ log = logging.getLogger("senseflow.influxstats")
 REQUEST_TIMEOUT = 10.0
 FINAL_TIMEOUT = 3.0
 QUEUE_TYPE = "user_events"
+INSTANCE_TAG = "senseflow_instance"
 FLOAT_FIELDS = frozenset(
     {
         "queue_utilization_pct",
@@ -329,6 +335,7 @@ class InfluxStats:
         self.target = InfluxTarget(config)
         self.integers = butler.influxdb_config.version != 1
         self.host = socket.gethostname()
+        self.instance = instance_name(config.pipeline)
         queue = butler.user_events.udp_server_config.queue_metrics.influxdb
         self.queue = queue if queue.enable and butler.influxdb_config.enable else None
         self.queue_metrics = QueueMetrics(supervisor)
@@ -387,7 +394,12 @@ class InfluxStats:
 
     def write_queue_metrics(self, timeout: float) -> None:
         assert self.queue is not None
-        tags = [("queue_type", QUEUE_TYPE), ("host", self.host), *config_tags(self.queue.tags)]
+        tags = [
+            ("queue_type", QUEUE_TYPE),
+            ("host", self.host),
+            (INSTANCE_TAG, self.instance),
+            *config_tags(self.queue.tags),
+        ]
         body = point(
             self.queue.measurement_name,
             tags,
@@ -414,6 +426,7 @@ class InfluxStats:
                 ("source", source),
                 ("host", host),
                 ("subsystem", subsystem),
+                (INSTANCE_TAG, self.instance),
                 *extra,
             ]
             key = measurement(influx.measurement_name) + tag_text(tags)

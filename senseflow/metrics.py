@@ -41,6 +41,10 @@ Metrics (counters are cumulative since start; `*_total` per Prometheus conventio
     senseflow_child_crash_looping{child}               1 while it restarted 5 times in 5 min
     senseflow_healthy                                  1 when /healthz answers 200
     senseflow_spool_bytes, senseflow_spool_capacity_bytes  the writer's spool on disk, its bound
+    senseflow_instance_info{senseflow_instance,instance_index,instances}  always 1: which
+                                                       instance this is (`senseflow.instance`);
+                                                       the target labels themselves come from
+                                                       the scrape config, as usual
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ from senseflow.backpressure import Backpressure
 from senseflow.httpserver import HttpLimits, HttpServer, Request, Response
 from senseflow.telemetry import Histogram, Telemetry
 from shared import counternames as names
-from shared.config import Config
+from shared.config import Config, Pipeline, instance_name
 from shared.counternames import DROP_REASONS
 from shared.delivery import BATCH_BUCKETS, LATENCY_BUCKETS
 from shared.ipc import Channels
@@ -126,6 +130,17 @@ class SenseflowCollector:
         yield from counter_metrics(totals, destinations)
         yield from queue_metrics(self.supervisor.channels)
         yield from telemetry_metrics(self.supervisor, destinations)
+        yield instance_info(self.supervisor.config.pipeline)
+
+
+def instance_info(pipe: Pipeline) -> GaugeMetricFamily:
+    info = GaugeMetricFamily(
+        "senseflow_instance_info",
+        "Which senseflow instance this is (senseflow.instance), always 1",
+        labels=["senseflow_instance", "instance_index", "instances"],
+    )
+    info.add_metric([instance_name(pipe), str(pipe.instance_index), str(pipe.instances)], 1)
+    return info
 
 
 def counter_metrics(totals: dict[str, int], destinations: list[str]) -> Iterator[Metric]:

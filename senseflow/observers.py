@@ -61,10 +61,16 @@ def start_observers(supervisor: Observed) -> Observers | None:
 
 
 def serve_sessions(server: MetricsServer, reader: LiveSessionsReader, app_limit: int) -> None:
-    """`/api/sessions` and the session gauges, from what the writer publishes."""
+    """`/api/sessions` (merged with the peers' views) and the session gauges, from what the
+    writer publishes."""
+    from senseflow.peers import merged_handler
     from senseflow.sessions import SessionCollector, sessions_handler
 
-    server.http.route("/api/sessions", sessions_handler(reader))
+    pipe = server.supervisor.config.pipeline
+    handler = merged_handler(
+        sessions_handler(reader), pipe.peers, pipe.peer_token, pipe.peer_timeout
+    )
+    server.http.route("/api/sessions", handler)
     server.registry.register(SessionCollector(reader, app_limit))
 
 

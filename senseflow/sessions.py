@@ -15,14 +15,14 @@ import os
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from senseflow.httpserver import Handler, Request, Response
+from senseflow.httpserver import Request, Response
 from shared.config import Config
 from shared.sessionlive import LIVE_FILE, decode_live
 from shared.sessions import SessionState
@@ -95,7 +95,7 @@ class LiveSessionsReader:
 # -- HTTP ----------------------------------------------------------------------------------
 
 
-def sessions_handler(reader: LiveSessionsReader) -> Handler:
+def sessions_handler(reader: LiveSessionsReader) -> Callable[[Request], Response]:
     """`GET /api/sessions[?host=H][&user=U][&app=A]` (SPEC 3a)."""
 
     def answer(request: Request) -> Response:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -392,6 +393,18 @@ class Pipeline(Own, frozen=True):
     """ms between InfluxDB writes of partial batches (a full one goes at once); at most
     `flush_interval`. The first events after a quiet spell go at once."""
     nats: NatsOptions = NatsOptions()
+    instance: str = ""
+    """This instance's name in its telemetry ('' : the host name); several instances
+    behind a load balancer (docs/OPERATIONS.md "Several instances")."""
+    instance_index: int = 0
+    instances: int = 1
+    """Receive times of instance i of n are congruent to i modulo n (times readers), so
+    two instances never stamp the same nanosecond."""
+    peers: list[str] = []
+    """Base URLs (http://host:port) of the other instances; /api/sessions merges theirs."""
+    peer_token: str = ""
+    """Bearer token sent to the peers ('' : none)."""
+    peer_timeout: float = 2.0
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -551,7 +564,31 @@ def _check_metrics(pipe: Pipeline) -> list[str]:
         problems.append(
             f"{OWN_SECTION}.healthDeadline: expected seconds > 0, found {pipe.health_deadline}"
         )
+    return problems + _check_instances(pipe)
+
+
+def _check_instances(pipe: Pipeline) -> list[str]:
+    problems = []
+    if not 0 <= pipe.instance_index < pipe.instances:
+        problems.append(
+            f"{OWN_SECTION}.instanceIndex: expected 0 <= instanceIndex < instances, found "
+            f"{pipe.instance_index} and {pipe.instances}"
+        )
+    if pipe.peer_timeout <= 0:
+        problems.append(
+            f"{OWN_SECTION}.peerTimeout: expected seconds > 0, found {pipe.peer_timeout}"
+        )
+    problems.extend(
+        f"{OWN_SECTION}.peers: expected http(s)://host:port, found {peer!r}"
+        for peer in pipe.peers
+        if not peer.startswith(("http://", "https://"))
+    )
     return problems
+
+
+def instance_name(pipe: Pipeline) -> str:
+    """`senseflow.instance`, or the host name when not set."""
+    return pipe.instance or socket.gethostname()
 
 
 # Names the user_events point already uses (SPEC 3): a configured tag with one of them, or
@@ -901,6 +938,7 @@ def secrets(config: Config) -> list[str]:
         config.pipeline.mqtt.password,
         config.pipeline.http.token,
         config.pipeline.http.password,
+        config.pipeline.peer_token,
         config.pipeline.mqtt.tls.key_password,
         config.pipeline.nats.password,
         config.pipeline.nats.token,

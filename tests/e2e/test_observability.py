@@ -160,6 +160,7 @@ def test_queue_metrics_and_event_counts_reach_influxdb(
     assert tag_keys(influx_server, influx_db, "user_events_queue") == {
         "queue_type",
         "host",
+        "senseflow_instance",
         "qs_env",
     }
     assert tag_keys(influx_server, influx_db, "event_count") == {
@@ -167,6 +168,7 @@ def test_queue_metrics_and_event_counts_reach_influxdb(
         "source",
         "host",
         "subsystem",
+        "senseflow_instance",
         "dc",
     }
     assert per_source_host_subsystem(influx_server, influx_db) == expected_counts(datagrams)

@@ -23,6 +23,7 @@ from shared.ipc import Channels, MessageChannel
 def metrics_server(limits: HttpLimits | None = None) -> Iterator[MetricsServer]:
     raw, encoded = MessageChannel(1 << 16), MessageChannel(1 << 16)
     supervisor = SimpleNamespace(
+        config=Config(),
         totals={"received": 1},
         signals=[],
         channels=Channels(raw, encoded, None, None),  # type: ignore[arg-type]

@@ -207,6 +207,7 @@ def test_collector_exposes_the_summed_counters() -> None:
     raw, encoded = MessageChannel(1 << 20), MessageChannel(1 << 20)
     raw.send(b"x" * 1000)
     supervisor = SimpleNamespace(
+        config=Config(),
         totals={
             "received": 10,
             "events": 6,
