@@ -10,7 +10,7 @@ import sys
 
 import uvloop
 
-from receiver.endpoint import BatchingEndpoint, ReceiveClock
+from receiver.endpoint import BatchingEndpoint, ReceiveClock, make_endpoint
 from receiver.guards import RateLimiter, resolve_sources
 from shared import counternames as names
 from shared import exitcodes
@@ -105,6 +105,7 @@ class Reader:
         self.kernel_drops = KernelDrops(sock)
         self.index = index
         self.limiter: RateLimiter | None = None
+        self.endpoint: BatchingEndpoint | None = None
 
     def make_endpoint(self) -> BatchingEndpoint:
         udp = self.config.butler.user_events.udp_server_config
@@ -122,7 +123,7 @@ class Reader:
                 index=self.index,
             )
         self.limiter = limiter
-        return BatchingEndpoint(
+        self.endpoint = make_endpoint(
             self.channels.raw,
             self.counters,
             self.clock,
@@ -133,6 +134,7 @@ class Reader:
             limiter,
             self.publish_counters,
         )
+        return self.endpoint
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -173,6 +175,8 @@ class Reader:
         self.publish_counters()
 
     def publish_counters(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.count_drops()
         delta = self.counters.take_delta()
         if delta:
             self.shared.commit(delta)

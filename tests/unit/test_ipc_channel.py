@@ -61,7 +61,7 @@ def test_waiting_on_an_empty_channel_polls_once_rather_than_spinning(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     counting = CountingPoll()
-    monkeypatch.setattr(ipc.select, "poll", counting)
+    monkeypatch.setattr(select, "poll", counting)
     channel = MessageChannel(1 << 16)
     try:
         for _ in range(5):
