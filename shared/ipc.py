@@ -136,6 +136,10 @@ class MessageChannel:
                 return None
             _wait(self._recv, select.POLLIN, remaining)
 
+    def receive_fd(self) -> int:
+        """The receiving end's descriptor, for an event loop to wait on."""
+        return self._recv.fileno()
+
     def discard_next(self) -> None:
         """Drop the message `peek` returned (a one-byte read discards the rest of a datagram)."""
         self._recv.recv(1, socket.MSG_DONTWAIT)

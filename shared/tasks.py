@@ -37,3 +37,18 @@ async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def readable(fd: int, timeout: float) -> bool:
+    """Wait until `fd` can be read, at most `timeout` s, on the loop itself (no thread):
+    an idle process sleeps in epoll rather than waking a thread to poll."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)

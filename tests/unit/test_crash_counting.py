@@ -130,7 +130,6 @@ def close_writers() -> Any:
         writer.channels.raw.close()
         writer.channels.encoded.close()
         writer.channels.reports.close()
-        writer.executor.shutdown()
 
 
 def batch(worker: int, number: int, events: int, invalid: int = 0) -> bytes:

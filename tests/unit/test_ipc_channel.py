@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import select
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 
 from shared import ipc
 from shared.ipc import STOP, MessageChannel
+from shared.tasks import readable
 
 
 def test_messages_come_back_whole_whatever_their_size() -> None:
@@ -77,3 +79,21 @@ def test_poll_timeouts_round_up() -> None:
     assert ipc.poll_milliseconds(0.0) == 0
     assert ipc.poll_milliseconds(0.0004) == 1
     assert ipc.poll_milliseconds(0.2) == 200
+
+
+def test_readable_wakes_on_a_message_and_times_out_without_one() -> None:
+    channel = MessageChannel(1 << 16)
+
+    async def run() -> tuple[bool, bool, bool]:
+        loop = asyncio.get_running_loop()
+        idle = await readable(channel.receive_fd(), 0.01)
+        loop.call_soon(channel.send_nowait, b"batch")
+        woken = await readable(channel.receive_fd(), 30.0)
+        again = await readable(channel.receive_fd(), 30.0)  # the reader was removed and re-added
+        return idle, woken, again
+
+    try:
+        assert asyncio.run(run()) == (False, True, True)
+        assert channel.receive(0.0) == b"batch"
+    finally:
+        channel.close()

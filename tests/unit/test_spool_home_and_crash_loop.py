@@ -167,6 +167,5 @@ def test_writer_counts_and_retries_an_append_the_disk_refused(
     finally:
         assert writer.spool is not None
         writer.spool.close()
-        writer.executor.shutdown()
         for channel in channels:
             channel.close()

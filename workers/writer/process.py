@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import uvloop
@@ -35,7 +34,7 @@ from shared.delivery import make_tracker
 from shared.events import ENCODED_DECODER, EncodedBatch, Fence
 from shared.ipc import REPORT_INTERVAL, STOP, Channels, report, start_parent_watch
 from shared.logs import RateLimitedLog, setup_logging
-from shared.tasks import cancel_all, spawn
+from shared.tasks import cancel_all, readable, spawn
 from workers.writer.destinations import enabled_destinations
 from workers.writer.feeds import BatchCache, Feed, read_batch
 from workers.writer.sessions import CONSUMER, SessionKeeper
@@ -48,6 +47,8 @@ log = logging.getLogger("senseflow.writer")
 NAME = "writer"
 DRAIN_TIMEOUT = 60.0
 SESSION_CHECKPOINT_SECONDS = 5.0
+CONSUME_WAKE_SECONDS = 1.0
+"""How soon an idle writer notices it was orphaned or failed (a batch wakes it at once)."""
 
 
 def run(config: Config, channels: Channels, parent_pid: int, block: object) -> int:
@@ -65,7 +66,6 @@ class Writer:
         self.destinations = enabled_destinations(config)
         self.destination_names = [destination.name for destination in self.destinations]
         self.delivery = make_tracker(config, self.destination_names, self.counters)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="writer-input")
         self.orphan = False
         self.cache = BatchCache()
         self.spool: Spool | None = None
@@ -222,11 +222,11 @@ class Writer:
         return True
 
     async def consume(self) -> None:
-        loop = asyncio.get_running_loop()
         channel = self.channels.encoded
         while not self.orphan and self.failure is None:
-            item = await loop.run_in_executor(self.executor, channel.peek, 0.2)
+            item = channel.peek(0.0)
             if item is None:
+                await readable(channel.receive_fd(), CONSUME_WAKE_SECONDS)
                 continue
             if item != STOP:
                 try:
@@ -238,6 +238,7 @@ class Writer:
             channel.discard_next()  # only now: spooled and counted
             if item == STOP:
                 return
+            await asyncio.sleep(0)  # a full channel must not starve the feeds and sinks
 
     async def wait_for_disk(self, error: SpoolWriteError) -> None:
         """The spool could not append (disk full...): count, say so, retry later; the
@@ -352,7 +353,6 @@ class Writer:
         if self.spool is not None:
             self.spool.close()
         log.info("writer drained in %.2fs", time.monotonic() - started)
-        self.executor.shutdown(wait=False)
 
     @staticmethod
     async def deliver_all(feed: Feed) -> None:
