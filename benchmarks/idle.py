@@ -47,10 +47,14 @@ def memory(processes: ServiceProcesses) -> dict[str, dict[str, float]]:
     return table
 
 
-def measure(seconds: float, flags: list[str], with_memory: bool) -> dict[str, object]:
+def measure(
+    seconds: float, flags: list[str], with_memory: bool, start_method: str
+) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp, InfluxServer() as influx:
         influx.create_database("idle")
-        config = write_config(Path(tmp) / "idle.yaml", udp_port(), influx, "idle")
+        config = write_config(
+            Path(tmp) / "idle.yaml", udp_port(), influx, "idle", startMethod=start_method
+        )
         service = Service(config, Path(tmp) / "service.log", *flags)
         try:
             service.wait_running(60)
@@ -62,6 +66,7 @@ def measure(seconds: float, flags: list[str], with_memory: bool) -> dict[str, ob
             result: dict[str, object] = {
                 "seconds": seconds,
                 "flags": flags,
+                "start_method": start_method,
                 "cpu_s": per_process,
                 "total_cpu_s": round(sum(per_process.values()), 3),
                 "percent_of_a_core": round(100 * sum(per_process.values()) / seconds, 2),
@@ -82,13 +87,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--readers", type=int, default=None)
     parser.add_argument("--rss", action="store_true", help="RSS and PSS per process too")
+    parser.add_argument("--start-method", choices=("spawn", "forkserver"), default="spawn")
     args = parser.parse_args()
     flags: list[str] = []
     if args.workers is not None:
         flags += ["--workers", str(args.workers)]
     if args.readers is not None:
         flags += ["--readers", str(args.readers)]
-    result = measure(args.seconds, flags, args.rss)
+    result = measure(args.seconds, flags, args.rss, args.start_method)
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
 
 

@@ -42,6 +42,8 @@ STORM_WINDOW = 60.0
 STORM_RESTARTS = 10
 GRACEFUL_TIMEOUT = 90.0
 BOOT_TIMEOUT = 30.0
+MAIN_LOOP_WAIT = 0.5
+"""Longest wait for a report between checks on the children (signals, deaths, heartbeats)."""
 
 
 def child_main(target: Callable[..., int], args: tuple[Any, ...]) -> None:
@@ -106,10 +108,18 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
+def child_context(start_method: str) -> Any:
+    """`spawn`, or `forkserver` with the children's code and ua-parser's rules preloaded."""
+    context = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
+        context.set_forkserver_preload(["senseflow.preload"])
+    return context
+
+
 class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.context = multiprocessing.get_context("spawn")
+        self.context = child_context(config.pipeline.start_method)
         self.app_names = AppNamesPublisher(config)
         pipe = config.pipeline
         self.channels = open_channels(config, self.context, self.app_names.path)
@@ -225,7 +235,7 @@ class Supervisor:
 
     def main_loop(self) -> int:
         while True:
-            self.read_reports(0.2)
+            self.read_reports(MAIN_LOOP_WAIT)
             if self.signals:
                 return self.drain()
             kill_wedged(self.children, self.config.pipeline.heartbeat_timeout, time.monotonic())

@@ -349,6 +349,9 @@ class Pipeline(Own, frozen=True):
     qrs_server_name: str = ""
     """The name the QRS server's certificate must show ('' : `appNames.hostIP` itself)."""
     sessions: SessionOptions = SessionOptions()
+    start_method: Literal["spawn", "forkserver"] = "spawn"
+    """How children start: `forkserver` forks them from a server that loaded the code and
+    ua-parser's rules once (shared memory, docs/OPERATIONS.md); `spawn`: a fresh interpreter."""
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):

@@ -261,11 +261,39 @@ def drain_reports(reports: MessageChannel, timeout: float) -> list[Any]:
 def start_parent_watch(
     parent_pid: int, on_orphan: Callable[[], None], interval: float = 1.0
 ) -> None:
-    """Call `on_orphan()` once the supervisor is gone, so that no child outlives it."""
+    """Call `on_orphan()` once the supervisor is gone, so that no child outlives it.
+
+    The supervisor is watched through a pidfd, which becomes readable when it exits: the
+    thread sleeps until then (no periodic wake-up), and it works whoever the child's
+    parent is (children are forked by the fork server, not by the supervisor). Without
+    pidfds (Linux < 5.3), the parent pid is polled every `interval` s.
+    """
 
     def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(interval)
+        try:
+            exited = os.pidfd_open(parent_pid)
+        except ProcessLookupError:
+            on_orphan()
+            return
+        except OSError:
+            _poll_parent(parent_pid, interval)
+        else:
+            poller = select.poll()
+            poller.register(exited, select.POLLIN)
+            while not poller.poll():
+                pass
+            os.close(exited)
         on_orphan()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _poll_parent(parent_pid: int, interval: float) -> None:
+    while True:
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass
+        time.sleep(interval)

@@ -43,8 +43,13 @@ async def readable(fd: int, timeout: float) -> bool:
     """Wait until `fd` can be read, at most `timeout` s, on the loop itself (no thread):
     an idle process sleeps in epoll rather than waking a thread to poll."""
     loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
     try:
         await asyncio.wait_for(ready, timeout)
         return True
