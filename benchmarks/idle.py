@@ -17,6 +17,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -63,7 +64,7 @@ def measure(
         influx.create_database("idle")
         port = udp_port()
         # Only when asked for: a tree from before the key would refuse it (A/B runs).
-        own = {"startMethod": start_method} if start_method != "spawn" else {}
+        own: dict[str, Any] = {"startMethod": start_method} if start_method != "spawn" else {}
         config = write_config(Path(tmp) / "idle.yaml", port, influx, "idle", **own)
         service = Service(config, Path(tmp) / "service.log", *flags)
         try:

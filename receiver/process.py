@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+import time
 
 import uvloop
 
@@ -147,7 +148,10 @@ class Reader:
         while not self.channels.stop.is_set():
             await asyncio.sleep(REPORT_INTERVAL)
             beat(self.shared)
-            self.count_kernel_drops()
+            if self.kernel_drops.due(self.counters.get(names.RECEIVED), time.monotonic()):
+                self.count_kernel_drops()
+            else:
+                self.publish_counters()
             if self.limiter is not None:
                 self.limiter.refresh()
         transport.close()
@@ -182,18 +186,36 @@ class Reader:
             self.shared.commit(delta)
 
 
+IDLE_CHECK_SECONDS = 5.0
+
+
 class KernelDrops:
     """The kernel's drop counter for our socket, from /proc/net/udp{,6} (by socket inode)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._inode = str(os.fstat(sock.fileno()).st_ino)
+        self._marker = f" {self._inode} "
         self._table = "/proc/net/udp6" if sock.family == socket.AF_INET6 else "/proc/net/udp"
         self._seen = self.read()
+        self._received = 0
+        self._next_idle_check = 0.0
+
+    def due(self, received: int, now: float) -> bool:
+        """Whether to read the table now: when datagrams came since the last read (drops
+        happen only then), else every IDLE_CHECK_SECONDS; the table holds every UDP socket
+        of the host, so an idle reader does not parse it twice a second."""
+        if received != self._received or now >= self._next_idle_check:
+            self._received = received
+            self._next_idle_check = now + IDLE_CHECK_SECONDS
+            return True
+        return False
 
     def read(self) -> int:
         try:
             with open(self._table, encoding="ascii") as table:
                 for line in table:
+                    if self._marker not in line:
+                        continue
                     fields = line.split()
                     if len(fields) >= 13 and fields[9] == self._inode:
                         return int(fields[12])

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from receiver.endpoint import BatchingEndpoint, GuardedEndpoint, ReceiveClock, make_endpoint
 from receiver.guards import RateLimiter
+from receiver.process import IDLE_CHECK_SECONDS, KernelDrops
 from shared import counternames as names
 from shared.counters import Counters
 from shared.events import RAW_DECODER
@@ -91,3 +93,15 @@ def test_drops_are_counted_only_when_published() -> None:
     finally:
         channel.close()
     assert counters.snapshot() == {names.RECEIVED: 1, names.DROPPED_TOO_LARGE: 1}
+
+
+def test_the_kernel_drop_table_is_read_when_datagrams_came_and_seldom_when_idle() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        drops = KernelDrops(sock)
+        assert drops.due(0, 100.0)  # the first check
+        assert not drops.due(0, 100.5)  # idle: nothing new, not yet the idle period
+        assert drops.due(7, 101.0)  # datagrams came: drops may have come with them
+        assert not drops.due(7, 101.5)
+        assert drops.due(7, 101.0 + IDLE_CHECK_SECONDS)
+        assert drops.read() == 0
