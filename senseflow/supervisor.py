@@ -24,6 +24,7 @@ from typing import Any
 
 from senseflow.appnames import AppNamesPublisher
 from senseflow.backpressure import Backpressure
+from senseflow.childwatch import ExitWatch
 from senseflow.liveness import kill_wedged
 from senseflow.observers import start_observers
 from senseflow.telemetry import Telemetry
@@ -66,6 +67,7 @@ class Child:
         self.counters = SharedCounters(block)
         self.args = (*args, block)
         self.process: BaseProcess | None = None
+        self.exit_watch = ExitWatch(None)
         self.ready = False
         self.restarts: list[float] = []
         self.restart_at = 0.0
@@ -78,6 +80,8 @@ class Child:
             target=child_main, args=(self.target, self.args), name=self.name
         )
         self.process.start()
+        self.exit_watch.close()
+        self.exit_watch = ExitWatch(self.process.pid)
         log.info("started %s (pid %s)", self.name, self.process.pid)
 
     @property
@@ -255,6 +259,7 @@ class Supervisor:
                 continue
             if child.restart_at == 0.0:
                 assert child.process is not None
+                child.exit_watch.make_sure_gone()  # before its counters are settled
                 child.process.join(0.1)
                 delay = child.next_restart_delay(now)
                 log.error(

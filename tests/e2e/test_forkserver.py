@@ -80,3 +80,46 @@ def test_children_exit_when_the_supervisor_is_killed(start_service: StartService
     while any(alive(pid) for pid in children):
         assert time.monotonic() < deadline, [pid for pid in children if alive(pid)]
         time.sleep(0.1)
+
+
+def test_a_killed_fork_server_takes_no_child_along_unseen(
+    start_service: StartService, influx_server: InfluxServer, influx_db: str
+) -> None:
+    """The fork server reports its children's exits; killed, it makes them all look dead.
+    The supervisor then makes sure they are (SIGKILL by pidfd) before it settles their
+    counts and forks their successors: never two writers on one spool."""
+    running = start_service(mqtt=False, startMethod="forkserver")
+    names = ("reader-0", "worker-0", "worker-1", "writer")
+    first = {name: running.child_pids(name)[-1] for name in names}
+    fork_server = parent_of(first["worker-0"])
+    assert fork_server != running.process.pid
+    port = running.udp_port  # type: ignore[attr-defined]
+    datagrams = make_corpus(6000, seed=32)
+    sender = PacedSender(port, datagrams[:3000], rate=3000)
+    sender.run()
+    running.wait_counter("written.influxdb", 1)
+    os.kill(fork_server, signal.SIGKILL)
+    for name, pid in first.items():
+        running.wait_for_log(f"{name} (pid {pid}) died")
+        running.wait_for_log(f"started {name}", after=running.log.index(f"(pid {pid}) died"))
+    assert not any(alive(pid) for pid in first.values())  # the old ones are gone
+    died = running.log.index(f"(pid {first['reader-0']}) died")
+    running.wait_for_log("listening on UDP", after=died)  # the new reader is bound
+    PacedSender(port, datagrams[3000:], rate=3000).run()
+    counters = running.wait_counter("events", 1)
+    deadline = time.monotonic() + 40
+    while (
+        counters["received"] + counters.get("dropped.kernel", 0) < len(datagrams)
+        or counters.get("written.influxdb", 0) < counters["events"]
+        or counters["events"] + counters.get("dropped.worker_crash", 0) + counters["dropped"]
+        < counters["received"]
+    ):
+        assert time.monotonic() < deadline, counters
+        time.sleep(0.5)
+        counters = running.counters()
+    assert running.terminate() == 0
+    counters = running.counters()
+    assert_counters_add_up(counters, len(datagrams))
+    assert (
+        counters["written.influxdb"] == counters["events"] == influx_count(influx_server, influx_db)
+    )
