@@ -54,6 +54,12 @@ def instance_clock(pipeline: Pipeline, reader_index: int) -> ReceiveClock:
 
 
 class BatchingEndpoint(asyncio.DatagramProtocol):
+    """No guard on: `datagram_received` is a size check, a stamp and an append.
+
+    `received` is counted per hand-over (with the batch's outcome), not per datagram, so
+    that a reader killed with a partial batch leaves no count behind.
+    """
+
     def __init__(
         self,
         out: MessageChannel,
@@ -62,8 +68,6 @@ class BatchingEndpoint(asyncio.DatagramProtocol):
         batch_size: int,
         flush_ms: int,
         max_message_size: int = 65507,
-        allowed_sources: frozenset[str] | None = None,
-        rate_limiter: RateLimiter | None = None,
         on_flush: Callable[[], None] | None = None,
     ) -> None:
         self._out = out
@@ -72,14 +76,14 @@ class BatchingEndpoint(asyncio.DatagramProtocol):
         self._batch_size = batch_size
         self._flush_s = flush_ms / 1000
         self._max_size = max_message_size
-        self._allowed = allowed_sources
-        self._limiter = rate_limiter
         self._on_flush = on_flush
         self._datagrams: list[bytes] = []
         self._times: list[int] = []
         self._bytes = 0
+        self._too_large = 0
         # msgpack adds a few bytes per datagram; leave room for them.
         self._max_bytes = out.max_message // 2
+        # The flush timer is armed only while a batch is open: an idle reader never wakes.
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.DatagramTransport | None = None
@@ -88,30 +92,27 @@ class BatchingEndpoint(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        # `received` is counted with the outcome: at a guard's drop, or when the batch is
-        # handed over, so that a reader killed with a partial batch leaves no count behind.
-        if len(data) > self._max_size:
-            self._drop(names.DROPPED_TOO_LARGE)
+        size = len(data)
+        if size > self._max_size:
+            self._too_large += 1
             return
-        if self._allowed is not None and addr[0] not in self._allowed:
-            self._drop(names.DROPPED_SOURCE_NOT_ALLOWED)
-            return
-        if self._limiter is not None and not self._limiter.allow(addr[0]):
-            self._drop(names.DROPPED_RATE_LIMITED)
-            return
-        if self._bytes + len(data) > self._max_bytes:
+        if self._bytes + size > self._max_bytes:
             self.flush()
-        self._datagrams.append(data)
+        datagrams = self._datagrams
+        datagrams.append(data)
         self._times.append(self._clock.next())
-        self._bytes += len(data) + 16
-        if len(self._datagrams) >= self._batch_size:
+        self._bytes += size + 16
+        if len(datagrams) >= self._batch_size:
             self.flush()
         elif self._timer is None:
             self._timer = self._loop.call_later(self._flush_s, self.flush)
 
-    def _drop(self, reason: str) -> None:
-        self._counters.add(names.RECEIVED)
-        self._counters.add(reason)
+    def count_drops(self) -> None:
+        """Move the datagrams dropped since the last call into the counters."""
+        if self._too_large:
+            self._counters.add(names.RECEIVED, self._too_large)
+            self._counters.add(names.DROPPED_TOO_LARGE, self._too_large)
+            self._too_large = 0
 
     def error_received(self, exc: Exception) -> None:
         self._counters.add(names.SOCKET_ERRORS)
@@ -135,3 +136,77 @@ class BatchingEndpoint(asyncio.DatagramProtocol):
             self._counters.add(names.DROPPED_QUEUE_FULL, len(datagrams))
         if self._on_flush is not None:
             self._on_flush()
+
+
+class GuardedEndpoint(BatchingEndpoint):
+    """Source allow-list and/or rate limit on; what they drop is counted in batches too."""
+
+    def __init__(
+        self,
+        out: MessageChannel,
+        counters: Counters,
+        clock: ReceiveClock,
+        batch_size: int,
+        flush_ms: int,
+        max_message_size: int = 65507,
+        allowed_sources: frozenset[str] | None = None,
+        rate_limiter: RateLimiter | None = None,
+        on_flush: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(out, counters, clock, batch_size, flush_ms, max_message_size, on_flush)
+        self._allowed = allowed_sources
+        self._limiter = rate_limiter
+        self._not_allowed = 0
+        self._rate_limited = 0
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if len(data) > self._max_size:  # first, as before: it takes no rate token
+            self._too_large += 1
+            return
+        if self._allowed is not None and addr[0] not in self._allowed:
+            self._not_allowed += 1
+            return
+        if self._limiter is not None and not self._limiter.allow(addr[0]):
+            self._rate_limited += 1
+            return
+        super().datagram_received(data, addr)
+
+    def count_drops(self) -> None:
+        super().count_drops()
+        for reason, count in (
+            (names.DROPPED_SOURCE_NOT_ALLOWED, self._not_allowed),
+            (names.DROPPED_RATE_LIMITED, self._rate_limited),
+        ):
+            if count:
+                self._counters.add(names.RECEIVED, count)
+                self._counters.add(reason, count)
+        self._not_allowed = self._rate_limited = 0
+
+
+def make_endpoint(
+    out: MessageChannel,
+    counters: Counters,
+    clock: ReceiveClock,
+    batch_size: int,
+    flush_ms: int,
+    max_message_size: int = 65507,
+    allowed_sources: frozenset[str] | None = None,
+    rate_limiter: RateLimiter | None = None,
+    on_flush: Callable[[], None] | None = None,
+) -> BatchingEndpoint:
+    """The lean endpoint when no guard is on, resolved once rather than per datagram."""
+    if allowed_sources is None and rate_limiter is None:
+        return BatchingEndpoint(
+            out, counters, clock, batch_size, flush_ms, max_message_size, on_flush
+        )
+    return GuardedEndpoint(
+        out,
+        counters,
+        clock,
+        batch_size,
+        flush_ms,
+        max_message_size,
+        allowed_sources,
+        rate_limiter,
+        on_flush,
+    )

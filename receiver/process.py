@@ -7,10 +7,11 @@ import logging
 import os
 import socket
 import sys
+import time
 
 import uvloop
 
-from receiver.endpoint import BatchingEndpoint, instance_clock
+from receiver.endpoint import BatchingEndpoint, instance_clock, make_endpoint
 from receiver.guards import RateLimiter, resolve_sources
 from shared import counternames as names
 from shared import exitcodes
@@ -105,6 +106,7 @@ class Reader:
         self.kernel_drops = KernelDrops(sock)
         self.index = index
         self.limiter: RateLimiter | None = None
+        self.endpoint: BatchingEndpoint | None = None
 
     def make_endpoint(self) -> BatchingEndpoint:
         udp = self.config.butler.user_events.udp_server_config
@@ -122,7 +124,7 @@ class Reader:
                 index=self.index,
             )
         self.limiter = limiter
-        return BatchingEndpoint(
+        self.endpoint = make_endpoint(
             self.channels.raw,
             self.counters,
             self.clock,
@@ -133,6 +135,7 @@ class Reader:
             limiter,
             self.publish_counters,
         )
+        return self.endpoint
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -145,7 +148,10 @@ class Reader:
         while not self.channels.stop.is_set():
             await asyncio.sleep(REPORT_INTERVAL)
             beat(self.shared)
-            self.count_kernel_drops()
+            if self.kernel_drops.due(self.counters.get(names.RECEIVED), time.monotonic()):
+                self.count_kernel_drops()
+            else:
+                self.publish_counters()
             if self.limiter is not None:
                 self.limiter.refresh()
         transport.close()
@@ -173,9 +179,14 @@ class Reader:
         self.publish_counters()
 
     def publish_counters(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.count_drops()
         delta = self.counters.take_delta()
         if delta:
             self.shared.commit(delta)
+
+
+IDLE_CHECK_SECONDS = 5.0
 
 
 class KernelDrops:
@@ -183,13 +194,28 @@ class KernelDrops:
 
     def __init__(self, sock: socket.socket) -> None:
         self._inode = str(os.fstat(sock.fileno()).st_ino)
+        self._marker = f" {self._inode} "
         self._table = "/proc/net/udp6" if sock.family == socket.AF_INET6 else "/proc/net/udp"
         self._seen = self.read()
+        self._received = 0
+        self._next_idle_check = 0.0
+
+    def due(self, received: int, now: float) -> bool:
+        """Whether to read the table now: when datagrams came since the last read (drops
+        happen only then), else every IDLE_CHECK_SECONDS; the table holds every UDP socket
+        of the host, so an idle reader does not parse it twice a second."""
+        if received != self._received or now >= self._next_idle_check:
+            self._received = received
+            self._next_idle_check = now + IDLE_CHECK_SECONDS
+            return True
+        return False
 
     def read(self) -> int:
         try:
             with open(self._table, encoding="ascii") as table:
                 for line in table:
+                    if self._marker not in line:
+                        continue
                     fields = line.split()
                     if len(fields) >= 13 and fields[9] == self._inode:
                         return int(fields[12])

@@ -24,6 +24,7 @@ from typing import Any
 
 from senseflow.appnames import AppNamesPublisher
 from senseflow.backpressure import Backpressure
+from senseflow.childwatch import ExitWatch
 from senseflow.liveness import kill_wedged
 from senseflow.observers import start_observers
 from senseflow.telemetry import Telemetry
@@ -42,6 +43,8 @@ STORM_WINDOW = 60.0
 STORM_RESTARTS = 10
 GRACEFUL_TIMEOUT = 90.0
 BOOT_TIMEOUT = 30.0
+MAIN_LOOP_WAIT = 0.5
+"""Longest wait for a report between checks on the children (signals, deaths, heartbeats)."""
 
 
 def child_main(target: Callable[..., int], args: tuple[Any, ...]) -> None:
@@ -64,6 +67,7 @@ class Child:
         self.counters = SharedCounters(block)
         self.args = (*args, block)
         self.process: BaseProcess | None = None
+        self.exit_watch = ExitWatch(None)
         self.ready = False
         self.restarts: list[float] = []
         self.restart_at = 0.0
@@ -76,6 +80,8 @@ class Child:
             target=child_main, args=(self.target, self.args), name=self.name
         )
         self.process.start()
+        self.exit_watch.close()
+        self.exit_watch = ExitWatch(self.process.pid)
         log.info("started %s (pid %s)", self.name, self.process.pid)
 
     @property
@@ -106,10 +112,18 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
+def child_context(start_method: str) -> Any:
+    """`spawn`, or `forkserver` with the children's code and ua-parser's rules preloaded."""
+    context = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
+        context.set_forkserver_preload(["senseflow.preload"])
+    return context
+
+
 class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.context = multiprocessing.get_context("spawn")
+        self.context = child_context(config.pipeline.start_method)
         self.app_names = AppNamesPublisher(config)
         pipe = config.pipeline
         self.channels = open_channels(config, self.context, self.app_names.path)
@@ -225,7 +239,7 @@ class Supervisor:
 
     def main_loop(self) -> int:
         while True:
-            self.read_reports(0.2)
+            self.read_reports(MAIN_LOOP_WAIT)
             if self.signals:
                 return self.drain()
             kill_wedged(self.children, self.config.pipeline.heartbeat_timeout, time.monotonic())
@@ -245,6 +259,7 @@ class Supervisor:
                 continue
             if child.restart_at == 0.0:
                 assert child.process is not None
+                child.exit_watch.make_sure_gone()  # before its counters are settled
                 child.process.join(0.1)
                 delay = child.next_restart_delay(now)
                 log.error(

@@ -405,6 +405,9 @@ class Pipeline(Own, frozen=True):
     peer_token: str = ""
     """Bearer token sent to the peers ('' : none)."""
     peer_timeout: float = 2.0
+    start_method: Literal["spawn", "forkserver"] = "spawn"
+    """How children start: `forkserver` forks them from a server that loaded the code and
+    ua-parser's rules once (shared memory, docs/OPERATIONS.md); `spawn`: a fresh interpreter."""
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):

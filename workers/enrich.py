@@ -54,6 +54,18 @@ def _store(cache: dict[str, _Value], key: str, value: _Value, size: int) -> None
     cache[key] = value
 
 
+_BUILTIN_RESOLVER: list[ua_parser.Resolver] = []
+
+
+def builtin_resolver() -> ua_parser.Resolver:
+    """ua-parser's resolver for its built-in rules, built once per process: built in the
+    fork server (senseflow/preload.py), its ~25 MB of compiled rules are shared by every
+    worker forked from there, copy-on-write."""
+    if not _BUILTIN_RESOLVER:
+        _BUILTIN_RESOLVER.append(ua_parser.BestAvailableResolver(ua_parser.load_builtins()))
+    return _BUILTIN_RESOLVER[0]
+
+
 class UserAgentParser:
     """ua-parser (its Rust resolver when installed) behind a bounded cache.
 
@@ -62,8 +74,7 @@ class UserAgentParser:
     """
 
     def __init__(self, cache_size: int = 4096) -> None:
-        resolver = ua_parser.BestAvailableResolver(ua_parser.load_builtins())
-        self._parser = ua_parser.Parser(resolver)
+        self._parser = ua_parser.Parser(builtin_resolver())
         self._cache: dict[str, UaFields | None] = {}
         self._cache_size = cache_size
 

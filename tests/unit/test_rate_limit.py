@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 
-from receiver.endpoint import BatchingEndpoint, ReceiveClock
+from receiver.endpoint import GuardedEndpoint, ReceiveClock
 from receiver.guards import RateLimiter
 from shared.counters import Counters
 from shared.ipc import MessageChannel, SourceCounts
@@ -30,7 +30,7 @@ def test_a_flood_from_one_proxy_does_not_starve_another() -> None:
 
     async def feed() -> list[bytes]:
         limiter = RateLimiter(PER_MINUTE, clock=clock)
-        endpoint = BatchingEndpoint(
+        endpoint = GuardedEndpoint(
             channel, counters, ReceiveClock(), 100_000, 60_000, rate_limiter=limiter
         )
         for tick in range(600):  # one minute in steps of 0.1 s
