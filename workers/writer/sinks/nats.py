@@ -4,7 +4,7 @@ Each event becomes one message on `<subjectPrefix>.<action>` (`ACTION_SUBJECTS`)
 the MQTT JSON payload the workers already encoded, and a `Nats-Msg-Id` header
 `<msgIdPrefix>-<receive time ns>`: a receive time is unique per instance (strictly
 increasing per reader, readers kept apart by their stride, receiver/endpoint.py) and
-`msgIdPrefix` (default the host name) tells instances apart, so the id is unique per event
+`msgIdPrefix` (default `senseflow.instance`, else the host name) tells instances apart, so the id is unique per event
 and the same every time the spool replays it; JetStream stores a publish whose id it saw
 within the stream's duplicate window only once.
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from nats.aio.msg import Msg
 
 from shared import counternames as names
 from shared.backoff import Backoff
-from shared.config import Config, NatsOptions
+from shared.config import Config, NatsOptions, instance_name
 from shared.counters import Counting
 from shared.events import EncodedBatch
 from shared.tasks import cancel_all, spawn
@@ -77,8 +76,10 @@ def subjects(options: NatsOptions) -> list[bytes]:
     return [f"{options.subject_prefix}.{action}".encode() for action in ACTION_SUBJECTS]
 
 
-def msg_id_prefix(options: NatsOptions) -> str:
-    return options.msg_id_prefix or socket.gethostname()
+def msg_id_prefix(config: Config) -> str:
+    """`nats.msgIdPrefix`, else this instance's name (`senseflow.instance`, else the host
+    name): instances that publish to one stream must differ in it."""
+    return config.pipeline.nats.msg_id_prefix or instance_name(config.pipeline)
 
 
 def tls_context(options: NatsOptions) -> ssl.SSLContext | None:
@@ -104,7 +105,7 @@ class NatsSink:
         self.counters = counters
         self.on_ack: Acknowledge = on_ack or counting_acks(counters, NAME)
         self.subjects = subjects(self.options)
-        self.id_prefix = msg_id_prefix(self.options).encode()
+        self.id_prefix = msg_id_prefix(config).encode()
         self.nc = Client()
         self.reply_prefix = b""
         self.unacked: dict[int, tuple[int, bytes]] = {}
