@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUN_DIR = REPO / ".run"
 INFLUX_PORT = 8086
 MQTT_PORT = 1883
+HTTP_PORT = 9842  # Butler SOS's Prometheus port; here our HTTP server, on loopback
 UDP_PORT = int(os.environ.get("UDP_PORT", "9997"))
 
 sys.path.insert(0, str(REPO))
@@ -62,7 +63,11 @@ def default_config() -> dict[str, object]:
             },
             "mqttConfig": {"enable": True, "brokerHost": "127.0.0.1", "brokerPort": MQTT_PORT},
         },
-        "senseflow": {"summaryInterval": 10, "spool": {"directory": str(RUN_DIR / "spool")}},
+        "senseflow": {
+            "summaryInterval": 10,
+            "spool": {"directory": str(RUN_DIR / "spool")},
+            "httpPort": HTTP_PORT,  # 127.0.0.1 only: /api/sessions, /metrics, /healthz
+        },
     }
 
 
@@ -100,8 +105,12 @@ def main() -> int:
         config = str(config_path)
         started = start_local_servers()
     print(f"make run: senseflow run --config {config}   (Ctrl-C to stop)")
+    # Its own session: the terminal's Ctrl-C reaches it once, forwarded below, not twice
+    # (a second signal would stop it without draining).
     service = subprocess.Popen(
-        [sys.executable, "-m", "senseflow.cli", "run", "--config", config], cwd=REPO
+        [sys.executable, "-m", "senseflow.cli", "run", "--config", config],
+        cwd=REPO,
+        start_new_session=True,
     )
     signal.signal(signal.SIGINT, lambda *_: service.send_signal(signal.SIGINT))
     signal.signal(signal.SIGTERM, lambda *_: service.send_signal(signal.SIGTERM))

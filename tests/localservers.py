@@ -199,6 +199,9 @@ class _ServerProcess:
                 cwd=self.workdir,
                 env=self._environment(),
                 preexec_fn=_die_with_parent if _on_main_thread() else None,
+                # Out of the terminal's process group: a Ctrl-C meant for the service
+                # (`make run`) must not stop the servers it is still draining into.
+                start_new_session=True,
             )
         self.pid = self._process.pid
 
