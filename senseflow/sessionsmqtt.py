@@ -52,6 +52,15 @@ def base_topic(config: Config) -> str:
     return config.pipeline.sessions.mqtt_topic or f"{everything}/sessions"
 
 
+_NOT_IN_A_TOPIC_LEVEL = str.maketrans({"/": "_", "+": "_", "#": "_"})
+
+
+def host_topic(base: str, host: str) -> str:
+    """`<base>/<host>`, the host as one topic level: `/` and the wildcards `+` and `#` (a
+    PUBLISH topic may not hold them) become `_`; the payload names the host as it is."""
+    return f"{base}/{host.translate(_NOT_IN_A_TOPIC_LEVEL) or '_'}"
+
+
 def summary(host: str, users: dict[str, UserEntry]) -> dict[str, Any]:
     """The host's counts and users (`DIR\\userid`, as Butler SOS lists them)."""
     entries = sorted(users.values(), key=lambda e: (e.directory.casefold(), e.user_id))
@@ -123,7 +132,7 @@ class SessionSummaries:
             spent = time.thread_time() - started
             for host, shown in sorted(changed.items()):
                 payload = json.dumps({**shown, "at": iso_time(self.reader.published_ns)})
-                await client.publish(f"{self.base}/{host}", payload, qos=1, retain=True)
+                await client.publish(host_topic(self.base, host), payload, qos=1, retain=True)
                 self.published[host] = shown
             await self.pause(max(CHECK_SECONDS, COST_FACTOR * spent))
 

@@ -71,6 +71,33 @@ def retained(broker: MosquittoServer, base: str, path: Path, hosts: int) -> dict
         time.sleep(0.2)
 
 
+def test_hosts_that_are_no_topic_level_still_get_their_retained_summary(
+    mosquitto_server: MosquittoServer, tmp_path: Path
+) -> None:
+    """Hosts come from datagrams: `+`, `#` or `/` in one must not make an invalid topic
+    (the publisher's thread died on it) nor a level of its own."""
+    topic = f"qliksense/userevent/test-{uuid.uuid4().hex[:8]}"
+    config = config_for(mosquitto_server, tmp_path, topic)
+    reader = LiveSessionsReader.of(config)
+    state = SessionState(86_400 * 10**9)
+    now = time.time_ns()
+    for i, host in enumerate(["a+b", "c#", "d/e"]):
+        state.apply(SessionEvent(now - 10**9 + i, START, host, "LAB", "ann"))
+    write_atomically(reader.path, encode_live(state, [], now))
+    exporter = SessionSummaries(config, reader)
+    exporter.start()
+    try:
+        found = retained(mosquitto_server, exporter.base, tmp_path / "late.txt", 3)
+    finally:
+        exporter.stop()
+    assert {level: shown["host"] for level, shown in found.items()} == {
+        "a_b": "a+b",
+        "c_": "c#",
+        "d_e": "d/e",
+    }
+    assert exporter.thread.is_alive() is False
+
+
 def test_a_late_subscriber_gets_every_hosts_summary_and_zeros_for_an_emptied_host(
     mosquitto_server: MosquittoServer,
     tmp_path: Path,
