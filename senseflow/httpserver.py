@@ -121,6 +121,10 @@ class HttpServer:
             response = await self._answer(reader)
             writer.write(encode_response(response))
             await asyncio.wait_for(writer.drain(), self.limits.request_timeout)
+            # drain() returns below the high-water mark; abort() below would drop the rest
+            # of a large body: close() flushes first
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), self.limits.request_timeout)
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             pass  # the client went away or stalled: nothing to answer
         finally:
