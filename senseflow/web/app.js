@@ -129,14 +129,15 @@
   }
 
   function drawChart() {
-    const width = 600, height = 150, left = 40, bottom = 20, top = 8;
+    const width = Math.max(240, $("chart").clientWidth || 600), height = 150;
+    const left = 48, bottom = 20, top = 8;
     const now = history.length ? history[history.length - 1].minute : 0;
     const peak = Math.max(1, ...history.map((m) => Math.max(m.users, m.sessions)));
     const x = (minute) => left + ((minute - (now - MINUTES + 1)) / (MINUTES - 1)) * (width - left - 4);
     const y = (value) => top + (1 - value / peak) * (height - top - bottom);
     const current = history[history.length - 1] || { users: 0, sessions: 0 };
     const chart = svg("svg", {
-      viewBox: `0 0 ${width} ${height}`, role: "img", "aria-labelledby": "chart-title",
+      viewBox: `0 0 ${width} ${height}`, width, height, role: "img", "aria-labelledby": "chart-title",
       class: "chart-svg",
     });
     chart.append(svg("title", { id: "chart-title" },
@@ -144,7 +145,7 @@
       `peak in the last hour ${peak}`));
     chart.append(svg("line", { x1: left, x2: width, y1: y(0), y2: y(0), class: "axis" }));
     chart.append(svg("line", { x1: left, x2: width, y1: y(peak), y2: y(peak), class: "grid" }));
-    chart.append(svg("text", { x: left - 6, y: y(peak) + 4, class: "tick end" }, String(peak)));
+    chart.append(svg("text", { x: left - 6, y: y(peak) + 4, class: "tick end" }, peak.toLocaleString()));
     chart.append(svg("text", { x: left - 6, y: y(0) + 4, class: "tick end" }, "0"));
     chart.append(svg("text", { x: left, y: height - 4, class: "tick" }, "60 min ago"));
     chart.append(svg("text", { x: width - 4, y: height - 4, class: "tick end" }, "now"));
@@ -153,10 +154,9 @@
       if (points.length === 1) points.push(`${(x(now) + 3).toFixed(1)},${y(current[key]).toFixed(1)}`);
       chart.append(svg("polyline", { points: points.join(" "), class: "line " + key }));
     }
-    const legend = svg("g", { class: "legend" });
-    legend.append(svg("text", { x: left + 8, y: top + 12, class: "tick users" }, "— users"));
-    legend.append(svg("text", { x: left + 70, y: top + 12, class: "tick sessions" }, "- - sessions"));
-    chart.append(legend);
+    for (const key of ["sessions", "users"]) {
+      chart.append(svg("circle", { cx: x(now), cy: y(current[key]), r: 3, class: "dot " + key }));
+    }
     $("chart").replaceChildren(chart);
   }
 
@@ -183,6 +183,8 @@
     if (!app.appId) return "Hub";
     return app.appName || app.appId;
   }
+
+  function plural(count, noun) { return `${count.toLocaleString()} ${noun}${count === 1 ? "" : "s"}`; }
 
   function userName(user) { return `${user.userDirectory}\\${user.userId}`; }
 
@@ -256,8 +258,9 @@
   function hostSection(host, users) {
     const section = el("section", "host");
     section.append(el("h2", "", host.host));
-    section.append(el("p", "host-counts",
-      `${host.users} users · ${host.sessions} sessions · ${host.connections} connections`));
+    section.append(el("p", "host-counts", [
+      plural(host.users, "user"), plural(host.sessions, "session"), plural(host.connections, "connection"),
+    ].join(" · ")));
     const table = el("table");
     const caption = el("caption", "visually-hidden", `Users on ${host.host} now`);
     table.append(caption);
@@ -292,7 +295,9 @@
     name.scope = "row";
     if (user.sessions > 1) name.append(el("span", "badge", `${user.sessions} sessions`));
     const since = el("td", "since");
-    const time = el("time", "", clock(new Date(Date.parse(user.since))));
+    const started = new Date(Date.parse(user.since));
+    const time = el("time", "", started.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }));
+    time.title = started.toLocaleString();
     time.dateTime = user.since;
     since.append(time, el("span", "ago", ` (${duration(now - Date.parse(user.since))})`));
     const apps = el("td", "apps-open");
@@ -317,6 +322,11 @@
     requestAnimationFrame(() => { pending = false; if (doc) renderHosts(); });
   });
   $("search-form").addEventListener("submit", (event) => event.preventDefault());
+  let resizing = 0;
+  window.addEventListener("resize", () => {
+    cancelAnimationFrame(resizing);
+    resizing = requestAnimationFrame(drawChart);
+  });
   takeToken();
   drawChart();
   start();

@@ -63,7 +63,7 @@ def full_page_screenshot(driver: WebDriver, path: Path) -> Path:
     width = driver.execute_script("return document.documentElement.clientWidth")
     driver.execute_cdp_cmd(
         "Emulation.setDeviceMetricsOverride",
-        {"width": width, "height": min(int(height), 4000), "deviceScaleFactor": 1, "mobile": False},
+        {"width": width, "height": min(int(height), 1400), "deviceScaleFactor": 1, "mobile": False},
     )
     driver.save_screenshot(str(path))
     driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

@@ -38,6 +38,11 @@ CHROME = (
     "Chrome/119.0.0.0 Safari/537.36"
 )
 
+EDGE_MAC = (
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/120.0.0.0 Safari/537.36 Edg/120.0.2210.61"
+)
+
 
 def datagram(action: str, host: str, user: str, app_id: str = "", agent: str = FIREFOX) -> bytes:
     source = "qseow-proxy-session" if "session" in action else "qseow-proxy-connection"
@@ -245,7 +250,7 @@ def load_scenario() -> list[bytes]:
     datagrams = []
     for index in range(LOAD_USERS):
         host, user = LOAD_HOSTS[index % 3], f"user{index:05d}"
-        agent = FIREFOX if index % 3 else CHROME
+        agent = (FIREFOX, CHROME, EDGE_MAC, FIREFOX, CHROME)[index % 5]
         datagrams.append(datagram("Start session", host, user, agent=agent))
         for app in apps[index % 7 : index % 7 + 1 + index % 2]:
             datagrams.append(datagram("Open connection", host, user, app, agent=agent))
@@ -277,6 +282,7 @@ def test_first_paint_with_10000_sessions_phone_and_dark(
     wait(browser).until(lambda d: len(user_rows(d)) == 4 * 100)
 
     browser.set_window_size(390, 844)  # a phone
+    browser.execute_script("window.scrollTo(0, 0)")
     wait(browser).until(lambda d: d.execute_script(NO_SIDEWAYS_SCROLL))
     browser.save_screenshot(str(tmp_path / "live-page-phone.png"))
 
@@ -286,6 +292,7 @@ def test_first_paint_with_10000_sessions_phone_and_dark(
         {"features": [{"name": "prefers-color-scheme", "value": "dark"}]},
     )
     wait(browser).until(lambda d: d.execute_script(DARK_BACKGROUND))
+    browser.execute_script("window.scrollTo(0, 0)")
     browser.save_screenshot(str(tmp_path / "live-page-dark.png"))
 
 
