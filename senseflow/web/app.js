@@ -232,7 +232,7 @@
       fill.style.width = `${(100 * app.connections) / most}%`;
       bar.append(fill);
       item.append(bar, el("span", "app-count",
-        `${app.connections} conn. · ${app.users.size} user${app.users.size === 1 ? "" : "s"}`));
+        `${app.connections.toLocaleString()} conn. · ${plural(app.users.size, "user")}`));
       return item;
     });
     if (!items.length) items.push(el("li", "empty", "No app open"));
