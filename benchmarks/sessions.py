@@ -7,7 +7,7 @@ Memory: tracemalloc over building `--sessions` users, one session each, spread o
 same users each opening one app connection. CPU: `time.thread_time_ns` around applying
 `--events` random events (starts, opens, closes, stops over 5,000 users and 50 apps), and
 the writer's whole share for 50,000 corpus events (decode the worker's session arrays,
-reorder, apply).
+reorder, apply). The live view: what publishing and reading it costs at `--sessions`.
 """
 
 from __future__ import annotations
@@ -111,6 +111,39 @@ def writer_cpu_per_event(count: int, seed: int = 1) -> float:
     return spent / events
 
 
+def publish_cost(sessions: int) -> dict[str, float]:
+    """The live view at `sessions` users with a connection each (shared/sessionlive.py):
+    the writer's encode + write (CPU ms), the file (MB), the supervisor's decode and one
+    `/api/sessions` document as JSON (CPU ms: the machine may be shared)."""
+    from pathlib import Path
+
+    import msgspec
+
+    from shared.sessionlive import decode_live, encode_live, write_atomically
+
+    state = SessionState(DAY_NS)
+    for i in range(sessions):
+        user, host = f"user{i:06d}", HOSTS[i % 4]
+        state.apply(SessionEvent(i, START, host, "LAB", user, "", "", "Chrome", "119"))
+        state.apply(SessionEvent(sessions + i, OPEN, host, "LAB", user, f"app{i % 50}", "App"))
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "sessions.live"
+        started = time.thread_time()
+        data = encode_live(state, [], time.time_ns())
+        write_atomically(path, data)
+        written = time.thread_time()
+        published = decode_live(path.read_bytes())
+        decoded = time.thread_time()
+        msgspec.json.encode(published.state.snapshot(2 * sessions))
+        shown = time.thread_time()
+    return {
+        "publish_ms": (written - started) * 1000,
+        "megabytes": len(data) / 1e6,
+        "decode_ms": (decoded - written) * 1000,
+        "document_ms": (shown - decoded) * 1000,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=100_000)
@@ -121,6 +154,12 @@ def main() -> None:
     print(f"bytes per session: {per_session:.0f}, per connection: {per_connection:.0f}")
     print(f"CPU per applied event: {cpu_per_event(args.events):.0f} ns")
     print(f"writer CPU per event (decode, reorder, apply): {writer_cpu_per_event(50_000):.0f} ns")
+    cost = publish_cost(args.sessions)
+    print(
+        f"live view at {args.sessions} sessions: publish {cost['publish_ms']:.0f} ms "
+        f"({cost['megabytes']:.1f} MB), decode {cost['decode_ms']:.0f} ms, "
+        f"/api/sessions JSON {cost['document_ms']:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

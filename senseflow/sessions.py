@@ -10,7 +10,6 @@ sweeps idle users at the time it is taken, as the state does (SPEC 3a rule 5).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import threading
@@ -49,6 +48,7 @@ class LiveSessionsReader:
         self._version: tuple[int, int, int] | None = None
         self._state = SessionState(max_idle_ns)
         self.published_ns = 0
+        self.confirmed_seq = 0
 
     @classmethod
     def of(cls, config: Config) -> LiveSessionsReader:
@@ -61,6 +61,12 @@ class LiveSessionsReader:
             self._refresh()
             self._state.sweep(time.time_ns() if now_ns is None else now_ns)
             yield self._state
+
+    def version(self) -> tuple[int, int, int] | None:
+        """Changes whenever a new state is published (stat only)."""
+        with self.lock:
+            self._refresh()
+            return self._version
 
     def document(
         self, host: str | None = None, user: str | None = None, app: str | None = None
@@ -77,12 +83,13 @@ class LiveSessionsReader:
         version = (found.st_ino, found.st_mtime_ns, found.st_size)
         if version == self._version:
             return
+        self._version = version  # a bad file is tried once, not at every request
         try:
-            state, published = decode_live(self.path.read_bytes())
+            published = decode_live(self.path.read_bytes())
         except (OSError, msgspec.DecodeError) as exc:
-            log.warning("sessions: cannot read %s: %s", self.path, exc)
+            log.warning("sessions: cannot read %s (the last state stays): %s", self.path, exc)
             return
-        self._state, self.published_ns, self._version = state, published, version
+        self._state, self.published_ns, self.confirmed_seq = published
 
 
 # -- HTTP ----------------------------------------------------------------------------------
@@ -94,7 +101,7 @@ def sessions_handler(reader: LiveSessionsReader) -> Handler:
     def answer(request: Request) -> Response:
         query = urllib.parse.parse_qs(request.query)
         host, user, app = (query.get(key, [None])[-1] or None for key in ("host", "user", "app"))
-        body = json.dumps(reader.document(host, user, app)).encode()
+        body = msgspec.json.encode(reader.document(host, user, app))
         return Response(200, "application/json", body, {"Cache-Control": "no-store"})
 
     return answer

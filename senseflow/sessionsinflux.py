@@ -23,6 +23,15 @@ no field-type conflict: on 1.x (node-influx, no schema) every number is a float;
 `uintField` (`5u`); on 3.x `setIntegerField` (`5i`).
 A host that had sessions earlier in this run is written with `session_count` 0 once it
 has none, so a dashboard falls to 0 instead of holding the last value.
+
+Ends (senseflow's own measurements), checked every `ENDED_SECONDS`: `user_session_ended`
+(field `duration_seconds`) per ended session and `user_connection_ended` (fields
+`duration_seconds`, `connections`, `app_name`) per app whose connections closed, tagged
+`host`, `user` (`DIR\\userid`), `app` (connections with an app id), `source=user_events`
+and `userEvents.tags`, timestamped at the end. The state numbers its ends and keeps the
+latest `ENDED_KEEP` in its checkpoint, so a writer restart numbers them the same again and
+a supervisor restart writes the kept ones once more: same series, same time, so the
+points are overwritten, never doubled.
 """
 
 from __future__ import annotations
@@ -43,12 +52,14 @@ from senseflow.influxstats import (
 from senseflow.sessions import LiveSessionsReader
 from shared.config import Config
 from shared.logs import RateLimitedLog
-from shared.sessions import UserEntry
+from shared.sessions import Ended, UserEntry
 from workers.encode import escape_field_string
 
 log = logging.getLogger("senseflow.sessions")
 
 SOURCE = "user_events"
+ENDED_SECONDS = 1.0
+LINES_PER_POST = 5000
 
 
 def enabled(config: Config) -> bool:
@@ -125,6 +136,29 @@ class SnapshotLines:
         return lines
 
 
+def chunks(body: bytes, lines: int) -> list[bytes]:
+    """`body` cut after every `lines` lines (InfluxDB 1.x refuses bodies over 25 MB)."""
+    split = body.splitlines(keepends=True)
+    return [b"".join(split[i : i + lines]) for i in range(0, len(split), lines)]
+
+
+def ended_lines(ended: list[Ended], extra: list[tuple[str, str]], integers: bool) -> bytes:
+    out = []
+    for end in ended:
+        tags = [("host", end.host), ("user", f"{end.directory}\\{end.user_id}")]
+        seconds = f"duration_seconds={max(0, end.end_ns - end.since_ns) / 1e9!r}"
+        if end.app_id is None:
+            name, fields = "user_session_ended", seconds
+        else:
+            tags.append(("app", end.app_id))
+            count = f"{end.connections}i" if integers else f"{float(end.connections)!r}"
+            name = "user_connection_ended"
+            fields = f'{seconds},connections={count},app_name="{escape_field_string(end.app_name)}"'
+        common = tag_text([*tags, ("source", SOURCE), *extra])
+        out.append(f"{name}{common} {fields} {end.end_ns}\n")
+    return "".join(out).encode()
+
+
 class SessionSnapshots:
     """A thread writing a snapshot every `sessions.snapshotInterval` seconds."""
 
@@ -133,6 +167,10 @@ class SessionSnapshots:
         self.interval = config.pipeline.sessions.snapshot_interval
         self.target = InfluxTarget(config)
         self.snapshot = SnapshotLines(config)
+        self.integers = config.butler.influxdb_config.version != 1
+        self.next_seq = 0
+        """The first end not written yet (0 after a start: the kept ones again)."""
+        self.written_version = (0, 0)
         self.failures = RateLimitedLog(log, interval=60.0)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="sessions-influx", daemon=True)
@@ -146,16 +184,45 @@ class SessionSnapshots:
         self.thread.join(REQUEST_TIMEOUT + 1)
 
     def run(self) -> None:
-        while not self.stopping.wait(self.interval):
-            self.write()
+        due = time.monotonic() + self.interval
+        while not self.stopping.wait(ENDED_SECONDS):
+            self.write_ended()
+            if time.monotonic() >= due:
+                due += self.interval
+                self.write()
+        self.write_ended()
+
+    def write_ended(self) -> None:
+        """Ends the writer numbered since the last write, and those of the events still in
+        its reorder buffer (numbered here for now: written again once the writer has
+        numbered them; the same points, so nothing doubles)."""
+        with self.reader.state() as state:
+            confirmed = self.reader.confirmed_seq
+            new = [e for e in state.ended if e.seq >= self.next_seq]
+            version = (self.reader.published_ns, state.ended_seq)
+        if not new or version == self.written_version:
+            return
+        if new[0].seq > self.next_seq and self.next_seq:
+            self.failures.warning(
+                "sessions: %d ended session(s) were not written (more ended than kept)",
+                new[0].seq - self.next_seq,
+            )
+        body = ended_lines(new, self.snapshot.extra, self.integers)
+        try:
+            self.target.post(body)
+        except StatsWriteError as exc:
+            if exc.retryable:
+                self.failures.warning("cannot write ended sessions to InfluxDB: %s", exc)
+                return  # tried again next time
+            self.failures.warning("InfluxDB refused ended sessions (not sent again): %s", exc)
+        self.next_seq, self.written_version = confirmed, version
 
     def write(self) -> None:
         now = time.time_ns()
         with self.reader.state(now) as state:
             body = self.snapshot.lines(state.hosts, now)
-        if not body:
-            return
         try:
-            self.target.post(body)
+            for chunk in chunks(body, LINES_PER_POST):
+                self.target.post(chunk)
         except StatsWriteError as exc:  # the next snapshot carries the state again
             self.failures.warning("cannot write session snapshots to InfluxDB: %s", exc)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
@@ -36,15 +37,27 @@ def encode_live(state: SessionState, waiting: list[SessionEvent], now_ns: int) -
 
 
 def write_atomically(path: Path, data: bytes) -> None:
+    """Private (0600: it names users) and never through a link planted in the directory."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+    descriptor = os.open(temporary, flags, 0o600)
+    with open(descriptor, "wb") as out:
+        out.write(data)
     os.replace(temporary, path)
 
 
-def decode_live(data: bytes) -> tuple[SessionState, int]:
-    """The published state with its waiting events applied, and when it was published."""
+class Published(NamedTuple):
+    state: SessionState
+    """With the waiting events applied."""
+    published_ns: int
+    confirmed_seq: int
+    """Ends numbered below this are the writer's own; the ones the waiting events made
+    here may yet be numbered otherwise (a late batch can still sort before them)."""
+
+
+def decode_live(data: bytes) -> Published:
     live = _DECODER.decode(data)
     state = SessionState.from_checkpoint(live.state)
     for event in live.waiting:
         state.apply(event)
-    return state, live.published_ns
+    return Published(state, live.published_ns, live.state.ended_seq)

@@ -77,6 +77,25 @@ class UserEntry(msgspec.Struct, array_like=True, gc=False):
         return sum(a.connections for a in self.apps.values()) if self.apps else 0
 
 
+class Ended(msgspec.Struct, array_like=True, gc=False):
+    """A session (`app_id` None) or an app's connections (`connections` of them) that
+    ended at `end_ns`, open since `since_ns`; `seq` numbers them in the order they ended."""
+
+    seq: int
+    end_ns: int
+    since_ns: int
+    host: str
+    directory: str
+    user_id: str
+    app_id: str | None = None
+    app_name: str = ""
+    connections: int = 0
+
+
+ENDED_KEEP = 4096
+"""The latest ends the state keeps (in its checkpoint) for the InfluxDB export to pick up."""
+
+
 class Checkpoint(msgspec.Struct, array_like=True):
     """The whole state, for a checkpoint; dict order (last-seen order) survives msgpack."""
 
@@ -84,6 +103,8 @@ class Checkpoint(msgspec.Struct, array_like=True):
     clock_ns: int
     hosts: dict[str, dict[str, UserEntry]]
     counters: dict[str, int]
+    ended: list[Ended] = []
+    ended_seq: int = 0
 
 
 def user_key(directory: str, user_id: str) -> str:
@@ -124,6 +145,8 @@ class SessionState:
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
         self._user_hosts: dict[str, int] = {}
         self._next_sweep_ns = 0
+        self.ended: list[Ended] = []
+        self.ended_seq = 0
 
     # -- events ----------------------------------------------------------------------------
 
@@ -143,6 +166,7 @@ class SessionState:
         key = f"{event.user_directory}\x00{event.user_id}".casefold()  # user_key, inlined
         entry = users.pop(key, None)
         if entry is not None and now - entry.last_seen_ns >= self.max_idle_ns:
+            self._end(host, entry, entry.last_seen_ns)
             self._forget(key, counted=True)
             entry = None
         if entry is None:
@@ -184,6 +208,7 @@ class SessionState:
         elif action == STOP:
             entry.sessions -= 1
             if not entry.sessions:
+                self._end(event.host, entry, now)
                 entry.apps = None
         elif action == OPEN:
             apps = entry.apps if entry.apps is not None else {}
@@ -196,18 +221,53 @@ class SessionState:
                 if event.app_name:
                     app.app_name = _shared(event.app_name)
         else:
-            self._close(entry, event.app_id)
+            self._close(event.host, entry, event.app_id, now)
 
-    def _close(self, entry: UserEntry, app_id: str) -> None:
+    def _close(self, host: str, entry: UserEntry, app_id: str, now: int) -> None:
         app = entry.apps.get(app_id) if entry.apps else None
         if app is None:
             self.counters[UNMATCHED_CLOSE] += 1
             return
+        self._record(host, entry, now, app.since_ns, app_id, app.app_name, 1)
         app.connections -= 1
         if not app.connections:
             del entry.apps[app_id]  # type: ignore[union-attr]
             if not entry.apps:
                 entry.apps = None
+
+    def _end(self, host: str, entry: UserEntry, end_ns: int) -> None:
+        """The user's session on the host ended, and with it their open connections."""
+        for app_id, app in (entry.apps or {}).items():
+            self._record(host, entry, end_ns, app.since_ns, app_id, app.app_name, app.connections)
+        self._record(host, entry, end_ns, entry.since_ns)
+
+    def _record(
+        self,
+        host: str,
+        entry: UserEntry,
+        end_ns: int,
+        since_ns: int,
+        app_id: str | None = None,
+        app_name: str = "",
+        connections: int = 0,
+    ) -> None:
+        ended = self.ended
+        ended.append(
+            Ended(
+                self.ended_seq,
+                end_ns,
+                since_ns,
+                host,
+                entry.directory,
+                entry.user_id,
+                app_id,
+                app_name,
+                connections,
+            )
+        )
+        self.ended_seq += 1
+        if len(ended) >= 2 * ENDED_KEEP:
+            del ended[:-ENDED_KEEP]
 
     def _forget(self, key: str, *, counted: bool) -> None:
         """A user (already popped from a host's dict) leaves that host."""
@@ -232,8 +292,9 @@ class SessionState:
                 if entry.last_seen_ns > cutoff:
                     break
                 stale.append(key)
-            for key in stale:
-                del users[key]
+            for key in stale:  # an expired session ends at its last event
+                entry = users.pop(key)
+                self._end(host, entry, entry.last_seen_ns)
                 self._forget(key, counted=True)
             if not users:
                 del self.hosts[host]
@@ -270,7 +331,14 @@ class SessionState:
 
     def saved(self) -> Checkpoint:
         """The state as a `Checkpoint` (sharing, not copying, the entries)."""
-        return Checkpoint(self.max_idle_ns, self.clock_ns, self.hosts, dict(self.counters))
+        return Checkpoint(
+            self.max_idle_ns,
+            self.clock_ns,
+            self.hosts,
+            dict(self.counters),
+            self.ended[-ENDED_KEEP:],
+            self.ended_seq,
+        )
 
     @classmethod
     def restore(
@@ -286,6 +354,7 @@ class SessionState:
         state.clock_ns = saved.clock_ns
         state.hosts = saved.hosts
         state.counters.update(saved.counters)
+        state.ended, state.ended_seq = saved.ended, saved.ended_seq
         for users in state.hosts.values():
             for key, entry in users.items():
                 state._user_hosts[key] = state._user_hosts.get(key, 0) + 1

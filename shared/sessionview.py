@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -105,4 +106,10 @@ def _user_view(entry: UserEntry, view: _Filter) -> dict[str, Any] | None:
 def iso_time(ns: int) -> str:
     """ISO 8601, UTC, milliseconds (as the MQTT payload's `timestamp`)."""
     seconds, rest = divmod(ns, 1_000_000_000)
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{rest // 1_000_000:03d}Z"
+    return f"{_iso_second(seconds)}.{rest // 1_000_000:03d}Z"
+
+
+@functools.lru_cache(maxsize=65536)
+def _iso_second(seconds: int) -> str:
+    """A document's times cluster in a few seconds: format each second once."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))

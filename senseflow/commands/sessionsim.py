@@ -2,11 +2,12 @@
 
 N users wander across the corpus hosts: they start sessions, open and close apps (and the
 hub: a connection without an app id), stop; now and then one opens an app without a Start
-(an implicit start) or sends a Stop twice (an unmatched stop). The ground truth is the
-session state (shared/sessions.py, the service's own rules) of the same events in sending
-order, taken every `every` datagrams: one JSON line per checkpoint, `{"sent", "at",
-"state"}`, `state` being the `/api/sessions` document (times are the simulation's, not the
-service's: compare without `since`, `lastSeen` and `at`).
+(an implicit start), sends a Stop twice (an unmatched stop) or a Close with nothing open
+(an unmatched close). The ground truth is the session state (shared/sessions.py, the
+service's own rules) of the same events in sending order, taken every `every` datagrams:
+one JSON line per checkpoint, `{"sent", "at", "state", "counters"}`, `state` being the
+`/api/sessions` document (times are the simulation's, not the service's: compare without
+`since`, `lastSeen` and `at`).
 
 Sent from one socket per host, so each host's events keep their order at a receiver with
 one reader (the state of a host depends only on its own events).
@@ -81,6 +82,8 @@ class Simulation:
             return "Start session", ""
         if apps and rng.random() < 0.4:
             return "Close connection", apps.pop(rng.randrange(len(apps)))
+        if not apps and rng.random() < 0.03:
+            return "Close connection", rng.choice(APPS)  # nothing open: unmatched
         if rng.random() < 0.15:
             del self._open[(host, user)]
             return "Stop session", ""

@@ -23,7 +23,7 @@ from senseflow.commands.who import sessions_at
 from shared.config import load_config
 from shared.sessions import SessionState
 from tests.e2e.harness import SENSEFLOW, PacedSender, Service, Subscriber
-from tests.e2e.test_sessions import HOSTS, simulation, wait_until, without_times
+from tests.e2e.test_sessions import HOSTS, ends_written, simulation, wait_until, without_times
 from tests.localservers import InfluxServer, MosquittoServer, free_ports
 
 pytestmark = pytest.mark.slow
@@ -129,6 +129,7 @@ def test_sessions_reach_http_influxdb_mqtt_and_who(
         got = retained[f"qliksense/userevent/sessions/{host}"]
         assert (float(got["sessions"]), ",".join(got["userList"])) == summary[host]
 
+    ends_written(influx_server, influx_db, truth)
     config = load_config(next(Path(running.log_path).parent.glob("config-0.yaml")))
     assert without_times(sessions_at(config, past, None, None, None)) == expected(half_truth)
     assert running.terminate() == 0

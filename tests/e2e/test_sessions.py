@@ -119,6 +119,7 @@ def test_writer_sigkill_mid_run_keeps_the_session_state_exact(
     running.wait_counter("written.influxdb", len(datagrams))
     if readers == 1:  # the restarted writer's state, as the supervisor serves it
         served_equals(http_port, truth)
+        ends_written(influx_server, influx_db, truth)
     assert running.terminate() == 0
     assert running.counters()["events"] == len(datagrams)
     assert influx_count(influx_server, influx_db) == len(datagrams)
@@ -158,6 +159,29 @@ def served_equals(port: int, truth: SessionState) -> None:
         "/api/sessions equal to the ground truth",
     )
     assert outcome_counters(port) == truth.counters
+
+
+def ended_points(influx: InfluxServer, database: str) -> tuple[int, int]:
+    """Points in user_session_ended and user_connection_ended."""
+    counts = []
+    for name in ("user_session_ended", "user_connection_ended"):
+        answer = influx.query(f'SELECT count("duration_seconds") FROM "{name}"', db=database)
+        series = answer["results"][0].get("series")
+        counts.append(series[0]["values"][0][1] if series else 0)
+    return counts[0], counts[1]
+
+
+def ends_of(truth: SessionState) -> tuple[int, int]:
+    assert len(truth.ended) == truth.ended_seq  # all kept: countable
+    sessions = sum(1 for end in truth.ended if end.app_id is None)
+    return sessions, len(truth.ended) - sessions
+
+
+def ends_written(influx: InfluxServer, database: str, truth: SessionState) -> None:
+    """Every end once, however often the writer or the service was killed."""
+    expected = ends_of(truth)
+    assert expected[0] > 50 and expected[1] > 50
+    wait_until(lambda: ended_points(influx, database) == expected, f"{expected} ends written")
 
 
 @pytest.fixture
@@ -220,6 +244,7 @@ def test_whole_service_sigkill_then_restart_keeps_the_session_state_exact(
     PacedSender(port, datagrams[3500:], rate=2000).run()
     wait_until(lambda: influx_count(influx_server, influx_db) == 6000, "6000 points written")
     served_equals(http_port, truth)
+    ends_written(influx_server, influx_db, truth)
     assert second.terminate() == 0
     assert second.counters()["events"] == 2500
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from senseflow.sessionsinflux import SnapshotLines, session_id
+from senseflow.sessionsinflux import SnapshotLines, chunks, ended_lines, session_id
 from shared.config import config_from_document
-from shared.sessions import OPEN, START, STOP, SessionEvent, SessionState
+from shared.sessions import CLOSE, OPEN, START, STOP, Ended, SessionEvent, SessionState
 
 AT = 1_800_000_000 * 10**9
 
@@ -79,3 +79,42 @@ def test_the_session_id_stays_while_the_user_stays_on() -> None:
     state.apply(SessionEvent(AT + 2, START, "SENSE1", "LAB", "ann"))
     (again,) = state.hosts["SENSE1"].values()
     assert session_id("SENSE1", again) != first
+
+
+def test_ends_are_recorded_numbered_kept_in_the_checkpoint_and_written_at_their_time() -> None:
+    state = SessionState(3600 * 10**9)
+    s = 10**9
+    for at, action, user, app in [
+        (0, START, "ann", ""),
+        (1, OPEN, "ann", "app-1"),
+        (2, OPEN, "ann", "app-1"),
+        (3, OPEN, "ann", "app-2"),
+        (5, CLOSE, "ann", "app-2"),  # one connection closed: open 2 s
+        (9, STOP, "ann", ""),  # the session ends, and app-1's two connections with it
+        (10, START, "bob", ""),
+        (5000, START, "cid", ""),  # bob expired: his session ends at his last event
+    ]:
+        state.apply(SessionEvent(AT + at * s, action, "S1", "LAB", user, app, app.upper()))
+    expected = [
+        Ended(0, AT + 5 * s, AT + 3 * s, "S1", "LAB", "ann", "app-2", "APP-2", 1),
+        Ended(1, AT + 9 * s, AT + 1 * s, "S1", "LAB", "ann", "app-1", "APP-1", 2),
+        Ended(2, AT + 9 * s, AT, "S1", "LAB", "ann"),
+        Ended(3, AT + 10 * s, AT + 10 * s, "S1", "LAB", "bob"),
+    ]
+    assert state.ended == expected
+    restored = SessionState.restore(state.checkpoint())
+    assert (restored.ended, restored.ended_seq) == (expected, 4)
+    lines = ended_lines(expected[1:3], [("env", "prod")], integers=False).decode().splitlines()
+    assert lines == [
+        "user_connection_ended,host=S1,user=LAB\\ann,app=app-1,source=user_events,env=prod "
+        f'duration_seconds=8.0,connections=2.0,app_name="APP-1" {AT + 9 * s}',
+        "user_session_ended,host=S1,user=LAB\\ann,source=user_events,env=prod "
+        f"duration_seconds=9.0 {AT + 9 * s}",
+    ]
+
+
+def test_a_large_snapshot_is_posted_in_chunks_of_whole_lines() -> None:
+    body = b"".join(b"m f=%d %d\n" % (i, i) for i in range(12))
+    assert b"".join(chunks(body, 5)) == body
+    assert [len(c.splitlines()) for c in chunks(body, 5)] == [5, 5, 2]
+    assert chunks(b"", 5) == []

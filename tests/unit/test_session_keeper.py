@@ -139,6 +139,8 @@ def test_a_killed_writer_is_followed_by_the_same_state(plan: list[str]) -> None:
         assert state.snapshot(at) == expected.snapshot(at)
         assert state.counters == expected.counters
         assert (Path(interrupted) / CHECKPOINT_FILE).exists()
+        assert expected.ended_seq > 100  # ends, numbered alike: exported exactly once
+        assert (state.ended_seq, state.ended[-100:]) == (expected.ended_seq, expected.ended[-100:])
 
 
 def test_the_spool_keeps_what_the_last_checkpoint_does_not_cover(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ Prometheus gauges with an app cardinality cap and the `sessions.*` outcome count
 from __future__ import annotations
 
 import json
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from senseflow.httpserver import HttpLimits
@@ -94,6 +96,7 @@ def test_the_writer_publishes_on_change_and_the_reader_sees_events_still_reorder
         assert keeper.waiting  # all within the 2 s reorder window: none applied yet
         assert publisher.publish()
         assert (publisher.path.stat().st_mtime_ns, publisher.path.stat().st_ino) != written
+        assert stat.S_IMODE(publisher.path.stat().st_mode) == 0o600  # it names users
     reader = LiveSessionsReader.of(config_in(tmp_path))
     now = time.time_ns()
     with reader.state(now) as state:
@@ -176,3 +179,34 @@ def test_prometheus_session_gauges_cap_the_apps_and_count_the_outcomes(tmp_path:
         "sessions.implicit_start": 1,
         "sessions.expired": 0,
     }
+
+
+def test_http_port_is_the_new_name_of_the_metrics_port() -> None:
+    from senseflow.cli import apply_run_flags, build_parser
+    from shared.config import ConfigError
+
+    parser = build_parser()
+    for flags, port in ((["--http-port", "9100"], 9100), (["--metrics-port", "9101"], 9101)):
+        pipe = apply_run_flags(Config(), parser.parse_args(["run", *flags])).pipeline
+        assert (pipe.http_port or pipe.metrics_port) == port
+    both = config_from_document({"senseflow": {"httpPort": 9102, "metricsPort": 9103}}, {})
+    assert (both.pipeline.http_port or both.pipeline.metrics_port) == 9102
+    with pytest.raises(ConfigError, match=r"senseflow\.httpPort"):
+        config_from_document({"senseflow": {"httpPort": 70000}}, {})
+
+
+def test_a_damaged_live_file_keeps_the_last_state_and_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    items = events(time.time_ns())
+    with writer_side(tmp_path) as (keeper, publisher):
+        keeper.add(keeper.spool.append(b"x", len(items)), batch(items))
+        publisher.publish()
+    reader = LiveSessionsReader.of(config_in(tmp_path))
+    before = document_without_at(reader.document())
+    assert before["totals"]["users"] == 3
+    (tmp_path / "damaged").write_bytes(b"\x93not a state")
+    (tmp_path / "damaged").replace(reader.path)
+    assert document_without_at(reader.document()) == before
+    assert document_without_at(reader.document()) == before
+    assert caplog.text.count("cannot read") == 1

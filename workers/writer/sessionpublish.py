@@ -14,6 +14,7 @@ import logging
 import time
 from pathlib import Path
 
+from shared.logs import RateLimitedLog
 from shared.sessionlive import LIVE_FILE, encode_live, write_atomically
 from workers.writer.sessions import SessionKeeper
 
@@ -29,6 +30,7 @@ class SessionPublisher:
         self.path = Path(keeper.spool.directory) / LIVE_FILE
         self.published = -1
         self.pause = PUBLISH_SECONDS
+        self.failures = RateLimitedLog(log, interval=60.0)
 
     def publish(self) -> bool:
         """Write the state if it changed since the last publish; True when written."""
@@ -41,7 +43,7 @@ class SessionPublisher:
         try:
             write_atomically(self.path, data)
         except OSError as exc:  # the HTTP view goes stale; the state itself is unharmed
-            log.warning("sessions: cannot publish %s: %s", self.path, exc)
+            self.failures.warning("sessions: cannot publish %s: %s", self.path, exc)
             return False
         self.published = generation
         self.pause = max(PUBLISH_SECONDS, COST_FACTOR * (time.perf_counter() - started))
