@@ -145,11 +145,19 @@ class HttpServer:
             return Response(404, "text/plain", f"not found: try {known}\n".encode())
         if not public and not self.authorized(request):
             response = text_response(HTTPStatus.UNAUTHORIZED)
-            response.headers["WWW-Authenticate"] = 'Basic realm="senseflow", charset="UTF-8"'
+            response.headers["WWW-Authenticate"] = self.challenge()
             return response
         if request.method != "GET":
             return text_response(HTTPStatus.METHOD_NOT_ALLOWED)
         return handler(request)
+
+    def challenge(self) -> str:
+        """Basic only when a user is configured: a browser answers a Basic challenge with
+        a password prompt, which a token-only server (the live page's fetches) must not
+        cause."""
+        if self.limits.username:
+            return 'Basic realm="senseflow", charset="UTF-8"'
+        return 'Bearer realm="senseflow"'
 
     def authorized(self, request: Request) -> bool:
         limits = self.limits

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from selenium import webdriver
@@ -20,6 +21,7 @@ def chromium(width: int = 1280, height: int = 1000, *, dark: bool = False) -> We
     missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
     if missing:
         raise RuntimeError(f"{', '.join(missing)} missing: run scripts/install-system-deps.sh")
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager, if ever asked: no downloads
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for argument in (

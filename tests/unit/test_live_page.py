@@ -73,7 +73,9 @@ def test_with_a_token_the_page_is_public_and_the_data_is_not(tmp_path: Path) -> 
     with live_server(tmp_path, HttpLimits(token="t0k")) as server:
         assert fetch(server.port, "/")[0] == 200
         assert fetch(server.port, "/live/app.js")[0] == 200
-        assert fetch(server.port, "/api/sessions")[0] == 401
+        status, headers, _ = fetch(server.port, "/api/sessions")
+        assert status == 401  # and no Basic challenge: a browser would prompt for a password
+        assert headers["WWW-Authenticate"].startswith("Bearer")
         assert fetch(server.port, "/api/sessions/history")[0] == 401
         assert fetch(server.port, "/api/sessions", {"Authorization": "Bearer t0k"})[0] == 200
 
