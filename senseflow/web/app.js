@@ -68,7 +68,12 @@
       } else if (answer.status !== 304) {
         status("senseflow answered " + answer.status + ", retrying");
       }
-      if (doc) record(doc.totals);
+      if (doc) {
+        record(doc.totals);
+        // the "(12 min)" beside each start time, once a minute even without a change
+        const minute = Math.floor((Date.now() + skewMs) / 60000);
+        if (answer.status === 304 && minute !== renderedMinute) renderHosts();
+      }
     } catch (error) {
       status("Cannot reach senseflow, retrying");
     }
@@ -239,7 +244,9 @@
     $("apps").replaceChildren(...items);
   }
 
+  let renderedMinute = 0;
   function renderHosts() {
+    renderedMinute = Math.floor((Date.now() + skewMs) / 60000);
     const needle = filter.trim().toLowerCase();
     const sections = [];
     let matched = 0;

@@ -16,7 +16,7 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 WAIT_SECONDS = 15.0
 
 
-def chromium(width: int = 1280, height: int = 1000, *, dark: bool = False) -> WebDriver:
+def chromium(width: int = 1280, height: int = 1000, *, dark: bool = False) -> webdriver.Chrome:
     """A headless chromium; `quit()` it. `dark`: prefers-color-scheme: dark."""
     missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
     if missing:
@@ -70,3 +70,9 @@ def full_page_screenshot(driver: WebDriver, path: Path) -> Path:
     driver.save_screenshot(str(path))
     driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     return path
+
+
+def console_errors(driver: webdriver.Chrome) -> list[str]:
+    """SEVERE entries of the browser's console (script errors, failed loads) so far."""
+    entries: list[dict[str, str]] = driver.get_log("browser")  # type: ignore[no-untyped-call]
+    return [entry["message"] for entry in entries if entry["level"] == "SEVERE"]

@@ -20,10 +20,11 @@ from typing import Any
 
 import pytest
 import yaml
+from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from tests.e2e.browser import chromium, full_page_screenshot, texts, user_rows, wait
+from tests.e2e.browser import chromium, console_errors, full_page_screenshot, texts, user_rows, wait
 from tests.e2e.harness import Service, send_paced
 from tests.localservers import free_ports
 
@@ -74,7 +75,7 @@ def status_of(url: str, headers: dict[str, str] | None = None) -> int:
 
 
 @pytest.fixture
-def browser() -> Iterator[WebDriver]:
+def browser() -> Iterator[Chrome]:
     driver = chromium()
     yield driver
     driver.quit()
@@ -110,7 +111,7 @@ def counts(driver: WebDriver) -> dict[str, str]:
 
 
 def test_page_shows_who_is_on_filters_and_follows_a_stop(
-    start_service: StartService, tmp_path: Path, browser: WebDriver
+    start_service: StartService, tmp_path: Path, browser: Chrome
 ) -> None:
     service, port = start_with_page(start_service, tmp_path)
     send(service.udp_port, *SCENARIO)  # type: ignore[attr-defined]
@@ -148,6 +149,7 @@ def test_page_shows_who_is_on_filters_and_follows_a_stop(
     wait(browser).until(lambda d: user_rows(d) == ["LAB\\bob", "LAB\\carol"])
     wait(browser).until(lambda d: counts(d) == {"sessions": "2", "users": "2", "connections": "4"})
     assert browser.execute_script("return window.notReloaded") is True
+    assert console_errors(browser) == []
 
 
 def test_sessions_answer_304_until_the_state_changes(
@@ -191,7 +193,7 @@ def until(probe: Callable[[], Any], timeout: float = 15.0) -> Any:
 
 
 def test_bearer_token_from_the_url_and_basic_auth_from_the_browser(
-    start_service: StartService, tmp_path: Path, browser: WebDriver
+    start_service: StartService, tmp_path: Path, browser: Chrome
 ) -> None:
     service, port = start_with_page(start_service, tmp_path, token="s3cret")
     send(service.udp_port, *SCENARIO)  # type: ignore[attr-defined]
@@ -258,7 +260,7 @@ def load_scenario() -> list[bytes]:
 
 
 def test_first_paint_with_10000_sessions_phone_and_dark(
-    start_service: StartService, tmp_path: Path, browser: WebDriver
+    start_service: StartService, tmp_path: Path, browser: Chrome
 ) -> None:
     """The measured times go to live-page-timing.json (no assert on them); screenshots."""
     service, port = start_with_page(start_service, tmp_path, LOAD_APPS)
