@@ -145,8 +145,10 @@ def test_page_shows_who_is_on_filters_and_follows_a_stop(
     full_page_screenshot(browser, tmp_path / "live-page.png")
 
     browser.execute_script("window.notReloaded = true")
+    sent = time.monotonic()
     send(service.udp_port, datagram("Stop session", "SENSE1", "alice"))  # type: ignore[attr-defined]
     wait(browser).until(lambda d: user_rows(d) == ["LAB\\bob", "LAB\\carol"])
+    print(f"live page: a Stop left the page {time.monotonic() - sent:.2f} s after it was sent")
     wait(browser).until(lambda d: counts(d) == {"sessions": "2", "users": "2", "connections": "4"})
     assert browser.execute_script("return window.notReloaded") is True
     assert console_errors(browser) == []
