@@ -15,7 +15,7 @@
   let etag = "";
   let filter = "";
   let skewMs = 0;
-  let history = []; // [{minute, sessions, users, connections}], oldest first
+  let peaks = []; // [{minute, sessions, users, connections}], oldest first
   const rowsShown = new Map(); // host -> rows shown
 
   // -- auth: `?token=` once, then sessionStorage; basic auth is the browser's own --------
@@ -26,9 +26,8 @@
     sessionStorage.setItem(TOKEN_KEY, token);
     params.delete("token");
     const rest = params.toString();
-    history_replace(location.pathname + (rest ? "?" + rest : "") + location.hash);
+    window.history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
   }
-  function history_replace(url) { window.history.replaceState(null, "", url); }
 
   function get(path, extra) {
     const headers = Object.assign({}, extra);
@@ -94,7 +93,7 @@
       const answer = await get("api/sessions/history", {});
       if (answer.status !== 200) return;
       const body = await answer.json();
-      history = body.minutes.map((m) => ({
+      peaks = body.minutes.map((m) => ({
         minute: Math.floor(Date.parse(m.at) / 60000),
         sessions: m.sessions, users: m.users, connections: m.connections,
       }));
@@ -114,15 +113,15 @@
   // -- history ---------------------------------------------------------------------------
   function record(totals) {
     const minute = Math.floor((Date.now() + skewMs) / 60000);
-    const last = history[history.length - 1];
+    const last = peaks[peaks.length - 1];
     if (last && last.minute === minute) {
       for (const key of ["sessions", "users", "connections"]) {
         last[key] = Math.max(last[key], totals[key]);
       }
     } else {
-      history.push(Object.assign({ minute }, totals));
+      peaks.push(Object.assign({ minute }, totals));
     }
-    history = history.filter((m) => m.minute > minute - MINUTES);
+    peaks = peaks.filter((m) => m.minute > minute - MINUTES);
     drawChart();
   }
 
@@ -136,11 +135,11 @@
   function drawChart() {
     const width = Math.max(240, $("chart").clientWidth || 600), height = 150;
     const left = 48, bottom = 20, top = 8;
-    const now = history.length ? history[history.length - 1].minute : 0;
-    const peak = Math.max(1, ...history.map((m) => Math.max(m.users, m.sessions)));
+    const now = peaks.length ? peaks[peaks.length - 1].minute : 0;
+    const peak = Math.max(1, ...peaks.map((m) => Math.max(m.users, m.sessions)));
     const x = (minute) => left + ((minute - (now - MINUTES + 1)) / (MINUTES - 1)) * (width - left - 4);
     const y = (value) => top + (1 - value / peak) * (height - top - bottom);
-    const current = history[history.length - 1] || { users: 0, sessions: 0 };
+    const current = peaks[peaks.length - 1] || { users: 0, sessions: 0 };
     const chart = svg("svg", {
       viewBox: `0 0 ${width} ${height}`, width, height, role: "img", "aria-labelledby": "chart-title",
       class: "chart-svg",
@@ -155,7 +154,7 @@
     chart.append(svg("text", { x: left, y: height - 4, class: "tick" }, "60 min ago"));
     chart.append(svg("text", { x: width - 4, y: height - 4, class: "tick end" }, "now"));
     for (const key of ["sessions", "users"]) {
-      const points = history.map((m) => `${x(m.minute).toFixed(1)},${y(m[key]).toFixed(1)}`);
+      const points = peaks.map((m) => `${x(m.minute).toFixed(1)},${y(m[key]).toFixed(1)}`);
       if (points.length === 1) points.push(`${(x(now) + 3).toFixed(1)},${y(current[key]).toFixed(1)}`);
       chart.append(svg("polyline", { points: points.join(" "), class: "line " + key }));
     }
