@@ -256,7 +256,14 @@
       sections.push(hostSection(host, users));
     }
     if (!sections.length) sections.push(el("p", "empty", needle ? "Nobody matches." : "Nobody is on Qlik Sense now."));
+    // a re-render replaces the nodes: keep the keyboard focus on its host's "Show more"
+    const focused = document.activeElement;
+    const focusedHost = focused && focused.classList.contains("more") ? focused.dataset.host : null;
     $("hosts").replaceChildren(...sections);
+    if (focusedHost !== null) {
+      const again = [...document.querySelectorAll("#hosts button.more")].find((b) => b.dataset.host === focusedHost);
+      if (again) again.focus();
+    }
     const result = needle ? `${matched} user${matched === 1 ? "" : "s"} match “${filter.trim()}”` : "";
     if ($("search-result").textContent !== result) $("search-result").textContent = result;
   }
@@ -289,6 +296,7 @@
     if (users.length > limit) {
       const more = el("button", "more", `Show ${Math.min(ROWS_STEP, users.length - limit)} more (${users.length - limit} not shown)`);
       more.type = "button";
+      more.dataset.host = host.host;
       more.onclick = () => { rowsShown.set(host.host, limit + ROWS_STEP); renderHosts(); };
       section.append(more);
     }

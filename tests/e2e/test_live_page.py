@@ -284,6 +284,8 @@ def test_first_paint_with_10000_sessions_phone_and_dark(
     assert more.text.startswith("Show 100 more")
     more.click()
     wait(browser).until(lambda d: len(user_rows(d)) == 4 * 100)
+    focused = browser.switch_to.active_element  # the next "Show more": keyboard users go on
+    assert focused.get_attribute("class") == "more" and focused.text.startswith("Show 100 more")
 
     browser.set_window_size(390, 844)  # a phone
     browser.execute_script("window.scrollTo(0, 0)")
