@@ -17,6 +17,7 @@ import collections
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -53,10 +54,14 @@ def asset_handler(name: str, content_type: str) -> Handler:
     return answer
 
 
-def conditional_sessions(reader: LiveSessionsReader, handler: Handler) -> Handler:
+def conditional_sessions(
+    reader: LiveSessionsReader, handler: Handler, clock: Callable[[], float] = time.time
+) -> Handler:
     """`handler` behind an ETag: the published state's time and the idle sweeps so far.
-    A matching `If-None-Match` is a 304; the last encoded answer per query is reused."""
-    cache: dict[tuple[str, str], Response] = {}
+    A matching `If-None-Match` is a 304. An encoded answer is reused for the same query
+    within the same second (its `at`, which the page takes for the server's clock, is at
+    most a second old)."""
+    cache: dict[tuple[str, str, int], Response] = {}
 
     def answer(request: Request) -> Response:
         with reader.state() as state:
@@ -64,12 +69,12 @@ def conditional_sessions(reader: LiveSessionsReader, handler: Handler) -> Handle
         headers = {"ETag": tag, "Cache-Control": "no-cache"}
         if request.headers.get("if-none-match") == tag:
             return Response(304, "application/json", b"", headers)
-        key = (tag, request.query)
+        key = (tag, request.query, int(clock()))
         cached = cache.get(key)
         if cached is None:
             fresh = handler(request)
             cached = Response(fresh.status, fresh.content_type, fresh.body, headers)
-            if len(cache) > 16 or any(old[0] != tag for old in cache):
+            if len(cache) >= 16 or any(old[0] != key[0] or old[2] != key[2] for old in cache):
                 cache.clear()
             cache[key] = cached
         return cached

@@ -11,8 +11,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from senseflow.httpserver import HttpLimits, HttpServer, Response
-from senseflow.livepage import HISTORY_MINUTES, SessionHistory, serve_live_page
+from senseflow.httpserver import HttpLimits, HttpServer, Request, Response
+from senseflow.livepage import (
+    HISTORY_MINUTES,
+    SessionHistory,
+    conditional_sessions,
+    serve_live_page,
+)
 from senseflow.sessions import LiveSessionsReader, sessions_handler
 from shared.events import ACTIONS
 from shared.sessionlive import encode_live, write_atomically
@@ -101,6 +106,32 @@ def test_unchanged_sessions_answer_304_and_a_new_publish_a_new_etag(tmp_path: Pa
         status, headers, body = fetch(server.port, "/api/sessions", {"If-None-Match": tag})
         assert status == 200 and json.loads(body)["totals"]["users"] == 3
         assert headers["ETag"] != tag
+
+
+def test_an_unchanged_answer_is_encoded_once_a_second_at_most(tmp_path: Path) -> None:
+    live = tmp_path / "sessions.live"
+    publish(live, 2)
+    reader = LiveSessionsReader(live, 86_400 * 10**9)
+    encoded: list[str] = []
+
+    def handler(request: Request) -> Response:
+        encoded.append(request.query)
+        return Response(200, "application/json", f"{len(encoded)}".encode())
+
+    now = [1000.2]
+    answer = conditional_sessions(reader, handler, clock=lambda: now[0])
+
+    def ask(query: str = "") -> Response:
+        return answer(Request("GET", "/api/sessions", query, {}))
+
+    assert [ask().body, ask().body, ask("user=u1").body] == [b"1", b"1", b"2"]
+    now[0] = 1000.9
+    assert ask().body == b"1"  # the same second: shared by every viewer
+    now[0] = 1001.0
+    assert ask().body == b"3"  # a new second: `at` stays at most a second old
+    publish(live, 3, time.time_ns() + 1)
+    assert ask().body == b"4"  # a new state
+    assert encoded == ["", "user=u1", "", ""]
 
 
 def test_large_answers_arrive_whole_at_a_slow_reader(tmp_path: Path) -> None:
