@@ -63,7 +63,8 @@
         skewMs = Date.parse(doc.at) - Date.now();
         render();
         markFirstRender();
-        status("Live · changed " + clock(new Date(Date.parse(doc.at))));
+        status("Live");  // announced when it changes; the time beside it is not
+        $("changed").textContent = "· changed " + clock(new Date(Date.parse(doc.at)));
       } else if (answer.status !== 304) {
         status("senseflow answered " + answer.status + ", retrying");
       }
@@ -108,6 +109,7 @@
   function status(text) {
     const node = $("status");
     if (node.textContent !== text) node.textContent = text;
+    node.parentElement.classList.toggle("down", text !== "Live");
   }
 
   // -- history ---------------------------------------------------------------------------
