@@ -152,6 +152,13 @@ def test_page_shows_who_is_on_filters_and_follows_a_stop(
     wait(browser).until(lambda d: counts(d) == {"sessions": "2", "users": "2", "connections": "4"})
     assert browser.execute_script("return window.notReloaded") is True
     assert console_errors(browser) == []
+    wait(browser).until(lambda d: 304 in d.execute_script(POLL_STATUSES))  # unchanged: no body
+
+
+POLL_STATUSES = """
+return performance.getEntriesByType("resource")
+  .filter((r) => r.name.endsWith("/api/sessions")).map((r) => r.responseStatus);
+"""
 
 
 def test_sessions_answer_304_until_the_state_changes(
