@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# influxd, mosquitto and nats-server are real components of the tests and of `make run`.
+# influxd, mosquitto and nats-server are real components of the tests and of `make run`;
+# chromium + chromedriver run the live page's browser tests.
 system-deps:
-	@command -v influxd >/dev/null && command -v mosquitto >/dev/null && command -v nats-server >/dev/null && test -e /usr/lib/nginx/modules/ngx_stream_module.so || scripts/install-system-deps.sh
+	@command -v influxd >/dev/null && command -v mosquitto >/dev/null && command -v nats-server >/dev/null && test -e /usr/lib/nginx/modules/ngx_stream_module.so && command -v chromium >/dev/null && command -v chromedriver >/dev/null || scripts/install-system-deps.sh
 
 run: install system-deps
 	$(BIN)/python scripts/devrun.py

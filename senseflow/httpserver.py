@@ -123,6 +123,10 @@ class HttpServer:
             response = await self._answer(reader)
             writer.write(encode_response(response))
             await asyncio.wait_for(writer.drain(), self.limits.request_timeout)
+            # drain() returns below the high-water mark; abort() below would drop the rest
+            # of a large body: close() flushes first
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), self.limits.request_timeout)
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             pass  # the client went away or stalled: nothing to answer
         finally:
@@ -144,11 +148,19 @@ class HttpServer:
             return Response(404, "text/plain", f"not found: try {known}\n".encode())
         if not public and not self.authorized(request):
             response = text_response(HTTPStatus.UNAUTHORIZED)
-            response.headers["WWW-Authenticate"] = 'Basic realm="senseflow", charset="UTF-8"'
+            response.headers["WWW-Authenticate"] = self.challenge()
             return response
         if request.method != "GET":
             return text_response(HTTPStatus.METHOD_NOT_ALLOWED)
         return handler(request)
+
+    def challenge(self) -> str:
+        """Basic only when a user is configured: a browser answers a Basic challenge with
+        a password prompt, which a token-only server (the live page's fetches) must not
+        cause."""
+        if self.limits.username:
+            return 'Basic realm="senseflow", charset="UTF-8"'
+        return 'Bearer realm="senseflow"'
 
     def authorized(self, request: Request) -> bool:
         limits = self.limits

@@ -33,6 +33,7 @@ class Observers:
 def start_observers(supervisor: Observed) -> Observers | None:
     """None when the metrics port cannot be bound (reported, the service does not start)."""
     from senseflow.influxstats import InfluxStats
+    from senseflow.livepage import serve_live_page
     from senseflow.metrics import MetricsServer
     from senseflow.sessions import LiveSessionsReader
 
@@ -49,6 +50,7 @@ def start_observers(supervisor: Observed) -> Observers | None:
             return None
         if reader is not None:
             serve_sessions(server, reader, pipe.sessions.app_metrics_limit)
+            observers.running.append(serve_live_page(server.http, reader))
         server.start()
         observers.running.append(server)
     stats = InfluxStats(supervisor)
