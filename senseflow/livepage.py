@@ -55,8 +55,10 @@ def asset_handler(name: str, content_type: str) -> Handler:
 
 
 def conditional_sessions(
-    reader: LiveSessionsReader, handler: Handler, clock: Callable[[], float] = time.time
-) -> Handler:
+    reader: LiveSessionsReader,
+    handler: Callable[[Request], Response],
+    clock: Callable[[], float] = time.time,
+) -> Callable[[Request], Response]:
     """`handler` behind an ETag: the published state's time and the idle sweeps so far.
     A matching `If-None-Match` is a 304. An encoded answer is reused for the same query
     within the same second (its `at`, which the page takes for the server's clock, is at
@@ -148,13 +150,11 @@ class SessionHistory:
 
 
 def serve_live_page(http: HttpServer, reader: LiveSessionsReader) -> SessionHistory:
-    """`/`, its assets, `/api/sessions` with ETags and `/api/sessions/history` on `http`
-    (after `/api/sessions` was routed); the history's sampler, started."""
+    """`/`, its assets and `/api/sessions/history` on `http` (`/api/sessions` and its ETags:
+    `senseflow.observers.serve_sessions`); the history's sampler, started."""
     page_public = not http.limits.username
     for path, (name, content_type) in ASSETS.items():
         http.route(path, asset_handler(name, content_type), public=page_public)
-    sessions, _ = http.routes["/api/sessions"]
-    http.route("/api/sessions", conditional_sessions(reader, sessions))
     history = SessionHistory(reader)
     http.route("/api/sessions/history", history.answer)
     history.start()

@@ -65,12 +65,18 @@ def start_observers(supervisor: Observed) -> Observers | None:
 def serve_sessions(server: MetricsServer, reader: LiveSessionsReader, app_limit: int) -> None:
     """`/api/sessions` (merged with the peers' views) and the session gauges, from what the
     writer publishes."""
+    from senseflow.livepage import conditional_sessions
     from senseflow.peers import merged_handler
     from senseflow.sessions import SessionCollector, sessions_handler
 
     pipe = server.supervisor.config.pipeline
+    local = sessions_handler(reader)
     handler = merged_handler(
-        sessions_handler(reader), pipe.peers, pipe.peer_token, pipe.peer_timeout
+        local,
+        pipe.peers,
+        pipe.peer_token,
+        pipe.peer_timeout,
+        local_view=conditional_sessions(reader, local),
     )
     server.http.route("/api/sessions", handler)
     server.registry.register(SessionCollector(reader, app_limit))

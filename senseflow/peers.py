@@ -118,13 +118,21 @@ def user_identity(user: Document) -> tuple[str, str]:
 
 
 def merged_handler(
-    local: Callable[[Request], Response], peers: list[str], token: str, timeout: float
+    local: Callable[[Request], Response],
+    peers: list[str],
+    token: str,
+    timeout: float,
+    local_view: Callable[[Request], Response] | None = None,
 ) -> Callable[[Request], Response | Awaitable[Response]]:
-    """Wraps the local `/api/sessions` handler; `?local=1` (or no peers) is the local view."""
+    """Wraps the local `/api/sessions` handler; `?local=1` (or no peers) is the local view,
+    answered by `local_view` when given (e.g. with ETags, which only fit a local state)."""
+    only_local = local_view or local
 
     def answer(request: Request) -> Response | Awaitable[Response]:
+        if not peers or is_local(request.query):
+            return only_local(request)
         own = local(request)
-        if not peers or own.status != 200 or is_local(request.query):
+        if own.status != 200:
             return own
         return with_peers(request.query, own)
 

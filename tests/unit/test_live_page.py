@@ -39,7 +39,7 @@ def publish(path: Path, users: int, now_ns: int | None = None) -> None:
 def live_server(tmp_path: Path, limits: HttpLimits | None = None) -> Iterator[HttpServer]:
     reader = LiveSessionsReader(tmp_path / "sessions.live", 86_400 * 10**9)
     server = HttpServer("127.0.0.1", 0, limits)
-    server.route("/api/sessions", sessions_handler(reader))
+    server.route("/api/sessions", conditional_sessions(reader, sessions_handler(reader)))
     history = serve_live_page(server, reader)
     server.start()
     try:

@@ -4,9 +4,9 @@ Each event becomes one message on `<subjectPrefix>.<action>` (`ACTION_SUBJECTS`)
 the MQTT JSON payload the workers already encoded, and a `Nats-Msg-Id` header
 `<msgIdPrefix>-<receive time ns>`: a receive time is unique per instance (strictly
 increasing per reader, readers kept apart by their stride, receiver/endpoint.py) and
-`msgIdPrefix` (default `senseflow.instance`, else the host name) tells instances apart, so the id is unique per event
-and the same every time the spool replays it; JetStream stores a publish whose id it saw
-within the stream's duplicate window only once.
+`msgIdPrefix` (default `senseflow.instance`, else the host name) tells instances apart, so
+the id is unique per event and the same every time the spool replays it; JetStream stores
+a publish whose id it saw within the stream's duplicate window only once.
 
 Publishing bypasses nats-py's per-message `publish()`: each message is one pre-built HPUB
 frame (subject, a reply subject `<inbox>.<token>`, the header, the payload), a batch is
