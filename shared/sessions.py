@@ -12,7 +12,7 @@ has at least one session there; a user's connections live in `apps`, None until 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgspec
@@ -151,40 +151,119 @@ class SessionState:
     # -- events ----------------------------------------------------------------------------
 
     def apply(self, event: SessionEvent) -> None:
-        # The writer's per-event cost: the common path (a known user) stays in this frame.
-        now = event.time_ns
-        if now < self.clock_ns:  # a late event: time does not go back
-            now = self.clock_ns
-        else:
-            self.clock_ns = now
-        if now >= self._next_sweep_ns:
-            self.sweep(now)
-        host = event.host
-        users = self.hosts.get(host)
-        if users is None:
-            users = self.hosts[host] = {}
-        key = f"{event.user_directory}\x00{event.user_id}".casefold()  # user_key, inlined
-        entry = users.pop(key, None)
-        if entry is not None and now - entry.last_seen_ns >= self.max_idle_ns:
-            self._end(host, entry, entry.last_seen_ns)
-            self._forget(key, counted=True)
-            entry = None
-        if entry is None:
-            entry = self._begin(event, key, now)
-        else:
-            self._change(event, entry, event.action, now)
-        if entry is not None and entry.sessions:
+        self.apply_until((event,), event.time_ns)
+
+    def apply_until(self, events: Sequence[SessionEvent], until_ns: int) -> int:
+        """Apply `events` (in time order) up to the first later than `until_ns`; returns
+        how many were applied.
+
+        The writer's per-event cost: one frame for a whole run of events, with the common
+        paths (a known user's open, close, start) inline; the rare ones call out.
+        """
+        clock, next_sweep = self.clock_ns, self._next_sweep_ns
+        hosts, max_idle, counters = self.hosts, self.max_idle_ns, self.counters
+        labels, ended, keys = _LABELS, self.ended, _KEYS
+        count = 0
+        for event in events:
+            now = event.time_ns
+            if now > until_ns:
+                break
+            count += 1
+            if now < clock:  # a late event: time does not go back
+                now = clock
+            else:
+                clock = now
+            if now >= next_sweep:
+                self.clock_ns = clock
+                self.sweep(now)
+                next_sweep = self._next_sweep_ns
+            host = event.host
+            users = hosts.get(host)
+            if users is None:
+                users = hosts[host] = {}
+            user_id = event.user_id
+            known = keys.get(user_id)  # user_key, cached: user names repeat
+            if known is not None and known[0] == event.user_directory:
+                key = known[1]
+            else:
+                key = _new_key(event.user_directory, user_id)
+            entry = users.pop(key, None)
+            if entry is not None and now - entry.last_seen_ns >= max_idle:
+                self._end(host, entry, entry.last_seen_ns)
+                self._forget(key, counted=True)
+                entry = None
+            action = event.action
+            if entry is None:
+                entry = self._begin(event, key, now)
+                if entry is None:
+                    if not users:
+                        del hosts[host]
+                    continue
+            elif action == OPEN:
+                apps = entry.apps
+                if apps is None:
+                    apps = entry.apps = {}
+                app = apps.get(event.app_id)
+                if app is None:
+                    apps[_shared(event.app_id)] = AppEntry(_shared(event.app_name), 1, now)
+                else:
+                    app.connections += 1
+                    name = event.app_name
+                    if name and name != app.app_name:
+                        app.app_name = _shared(name)
+            elif action == CLOSE:
+                apps = entry.apps
+                app_id = event.app_id
+                app = apps.get(app_id) if apps else None
+                if app is None:
+                    counters[UNMATCHED_CLOSE] += 1
+                else:  # _record, inlined
+                    ended.append(
+                        Ended(
+                            self.ended_seq,
+                            now,
+                            app.since_ns,
+                            host,
+                            entry.directory,
+                            entry.user_id,
+                            app_id,
+                            app.app_name,
+                            1,
+                        )
+                    )
+                    self.ended_seq += 1
+                    if len(ended) >= 2 * ENDED_KEEP:
+                        del ended[:-ENDED_KEEP]
+                    app.connections -= 1
+                    if not app.connections:
+                        del apps[app_id]  # type: ignore[union-attr]
+                        if not apps:
+                            entry.apps = None
+            elif action == START:
+                entry.sessions += 1
+            else:  # STOP
+                entry.sessions -= 1
+                if not entry.sessions:  # the user's last session there
+                    self._end(host, entry, now)
+                    entry.apps = None
+                    self._forget(key, counted=False)
+                    if not users:
+                        del hosts[host]
+                    continue
             entry.last_seen_ns = now
-            if event.browser_name:
-                entry.browser = _label(event.browser_name, event.browser_major)
-            if event.os_name:
-                entry.os = _label(event.os_name, event.os_version)
+            name = event.browser_name
+            if name:  # _label, its hit inlined
+                by_version = labels.get(name)
+                label = by_version.get(event.browser_major) if by_version is not None else None
+                entry.browser = label or _label(name, event.browser_major)
+            name = event.os_name
+            if name:
+                by_version = labels.get(name)
+                label = by_version.get(event.os_version) if by_version is not None else None
+                entry.os = label or _label(name, event.os_version)
             users[key] = entry  # at the end: the dict stays in last-seen order
-            return
-        if entry is not None:  # its last session stopped
-            self._forget(key, counted=False)
-        if not users:
-            del self.hosts[host]
+        self.clock_ns = clock
+        return count
 
     def _begin(self, event: SessionEvent, key: str, now: int) -> UserEntry | None:
         """A user without a session on the host: rules 1-4 from a count of 0."""
@@ -379,6 +458,19 @@ def _label(name: str, version: str) -> str:
     if by_version is not None and len(by_version) < _VERSIONS_MAX:
         by_version[version] = label
     return label
+
+
+_KEYS: dict[str, tuple[str, str]] = {}
+_KEYS_MAX = 1 << 16
+
+
+def _new_key(directory: str, user_id: str) -> str:
+    """`user_key`, remembered by user id (a bounded number: the values come from outside)."""
+    key = user_key(directory, user_id)
+    if len(_KEYS) >= _KEYS_MAX:
+        _KEYS.clear()
+    _KEYS[user_id] = (directory, key)
+    return key
 
 
 _SHARED: dict[str, str] = {}

@@ -139,14 +139,8 @@ class SessionKeeper:
 
     def _apply_until(self, until_ns: int) -> None:
         waiting = self.waiting
-        count = 0
-        apply = self.state.apply
-        for event in waiting:
-            if event.time_ns > until_ns:
-                break
-            apply(event)
-            count += 1
-        del waiting[:count]
+        if waiting and waiting[0].time_ns <= until_ns:
+            del waiting[: self.state.apply_until(waiting, until_ns)]
 
     def flush(self) -> None:
         """Apply everything waiting (at drain: nothing later can come)."""
