@@ -12,7 +12,7 @@ has at least one session there; a user's connections live in `apps`, None until 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import msgspec
@@ -151,11 +151,10 @@ class SessionState:
     # -- events ----------------------------------------------------------------------------
 
     def apply(self, event: SessionEvent) -> None:
-        self.apply_until((event,), event.time_ns)
+        self.apply_all((event,))
 
-    def apply_until(self, events: Sequence[SessionEvent], until_ns: int) -> int:
-        """Apply `events` (in time order) up to the first later than `until_ns`; returns
-        how many were applied.
+    def apply_all(self, events: Iterable[SessionEvent]) -> None:
+        """Apply `events`, in receive-time order.
 
         The writer's per-event cost: one frame for a whole run of events, with the common
         paths (a known user's open, close, start) inline; the rare ones call out.
@@ -163,12 +162,8 @@ class SessionState:
         clock, next_sweep = self.clock_ns, self._next_sweep_ns
         hosts, max_idle, counters = self.hosts, self.max_idle_ns, self.counters
         labels, ended, keys = _LABELS, self.ended, _KEYS
-        count = 0
         for event in events:
             now = event.time_ns
-            if now > until_ns:
-                break
-            count += 1
             if now < clock:  # a late event: time does not go back
                 now = clock
             else:
@@ -178,15 +173,17 @@ class SessionState:
                 self.sweep(now)
                 next_sweep = self._next_sweep_ns
             host = event.host
-            users = hosts.get(host)
-            if users is None:
+            # Subscripts, not .get: cheaper on the hit, and misses are rare.
+            try:
+                users = hosts[host]
+            except KeyError:
                 users = hosts[host] = {}
-            user_id = event.user_id
-            known = keys.get(user_id)  # user_key, cached: user names repeat
-            if known is not None and known[0] == event.user_directory:
-                key = known[1]
-            else:
-                key = _new_key(event.user_directory, user_id)
+            try:  # user_key, cached: user names repeat
+                directory, key = keys[event.user_id]
+                if directory != event.user_directory:
+                    key = _new_key(event.user_directory, event.user_id)
+            except KeyError:
+                key = _new_key(event.user_directory, event.user_id)
             entry = users.pop(key, None)
             if entry is not None and now - entry.last_seen_ns >= max_idle:
                 self._end(host, entry, entry.last_seen_ns)
@@ -253,17 +250,18 @@ class SessionState:
             entry.last_seen_ns = now
             name = event.browser_name
             if name:  # _label, its hit inlined
-                by_version = labels.get(name)
-                label = by_version.get(event.browser_major) if by_version is not None else None
-                entry.browser = label or _label(name, event.browser_major)
+                try:
+                    entry.browser = labels[name][event.browser_major]
+                except KeyError:
+                    entry.browser = _label(name, event.browser_major)
             name = event.os_name
             if name:
-                by_version = labels.get(name)
-                label = by_version.get(event.os_version) if by_version is not None else None
-                entry.os = label or _label(name, event.os_version)
+                try:
+                    entry.os = labels[name][event.os_version]
+                except KeyError:
+                    entry.os = _label(name, event.os_version)
             users[key] = entry  # at the end: the dict stays in last-seen order
         self.clock_ns = clock
-        return count
 
     def _begin(self, event: SessionEvent, key: str, now: int) -> UserEntry | None:
         """A user without a session on the host: rules 1-4 from a count of 0."""
