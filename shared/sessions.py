@@ -161,7 +161,7 @@ class SessionState:
         """
         clock, next_sweep = self.clock_ns, self._next_sweep_ns
         hosts, max_idle, counters = self.hosts, self.max_idle_ns, self.counters
-        labels, ended, keys = _LABELS, self.ended, _KEYS
+        labels, ended, keys, user_hosts = _LABELS, self.ended, _KEYS, self._user_hosts
         for event in events:
             now = event.time_ns
             if now < clock:  # a late event: time does not go back
@@ -178,11 +178,10 @@ class SessionState:
                 users = hosts[host]
             except KeyError:
                 users = hosts[host] = {}
-            try:  # user_key, cached: user names repeat
-                directory, key = keys[event.user_id]
-                if directory != event.user_directory:
-                    key = _new_key(event.user_directory, event.user_id)
-            except KeyError:
+            known = keys.get(event.user_id)  # user_key, cached: user names repeat
+            if known is not None and known[0] == event.user_directory:
+                key = known[1]
+            else:  # (not an exception: with many users, misses are not rare)
                 key = _new_key(event.user_directory, event.user_id)
             entry = users.pop(key, None)
             if entry is not None and now - entry.last_seen_ns >= max_idle:
@@ -190,12 +189,17 @@ class SessionState:
                 self._forget(key, counted=True)
                 entry = None
             action = event.action
-            if entry is None:
-                entry = self._begin(event, key, now)
-                if entry is None:
+            if entry is None:  # _begin, inlined
+                if action in (STOP, CLOSE):
+                    counters[UNMATCHED_STOP if action == STOP else UNMATCHED_CLOSE] += 1
                     if not users:
                         del hosts[host]
                     continue
+                entry = UserEntry(event.user_directory, event.user_id, 1, now, now)
+                user_hosts[key] = user_hosts.get(key, 0) + 1
+                if action == OPEN:
+                    counters[IMPLICIT_START] += 1
+                    entry.apps = {_shared(event.app_id): AppEntry(_shared(event.app_name), 1, now)}
             elif action == OPEN:
                 apps = entry.apps
                 if apps is None:
@@ -262,55 +266,6 @@ class SessionState:
                     entry.os = _label(name, event.os_version)
             users[key] = entry  # at the end: the dict stays in last-seen order
         self.clock_ns = clock
-
-    def _begin(self, event: SessionEvent, key: str, now: int) -> UserEntry | None:
-        """A user without a session on the host: rules 1-4 from a count of 0."""
-        action = event.action
-        if action == STOP:
-            self.counters[UNMATCHED_STOP] += 1
-            return None
-        if action == CLOSE:
-            self.counters[UNMATCHED_CLOSE] += 1
-            return None
-        entry = UserEntry(event.user_directory, event.user_id, 1, now, now)
-        self._user_hosts[key] = self._user_hosts.get(key, 0) + 1
-        if action == OPEN:
-            self.counters[IMPLICIT_START] += 1
-            self._change(event, entry, OPEN, now)
-        return entry
-
-    def _change(self, event: SessionEvent, entry: UserEntry, action: int, now: int) -> None:
-        if action == START:
-            entry.sessions += 1
-        elif action == STOP:
-            entry.sessions -= 1
-            if not entry.sessions:
-                self._end(event.host, entry, now)
-                entry.apps = None
-        elif action == OPEN:
-            apps = entry.apps if entry.apps is not None else {}
-            entry.apps = apps
-            app = apps.get(event.app_id)
-            if app is None:
-                apps[_shared(event.app_id)] = AppEntry(_shared(event.app_name), 1, now)
-            else:
-                app.connections += 1
-                if event.app_name:
-                    app.app_name = _shared(event.app_name)
-        else:
-            self._close(event.host, entry, event.app_id, now)
-
-    def _close(self, host: str, entry: UserEntry, app_id: str, now: int) -> None:
-        app = entry.apps.get(app_id) if entry.apps else None
-        if app is None:
-            self.counters[UNMATCHED_CLOSE] += 1
-            return
-        self._record(host, entry, now, app.since_ns, app_id, app.app_name, 1)
-        app.connections -= 1
-        if not app.connections:
-            del entry.apps[app_id]  # type: ignore[union-attr]
-            if not entry.apps:
-                entry.apps = None
 
     def _end(self, host: str, entry: UserEntry, end_ns: int) -> None:
         """The user's session on the host ended, and with it their open connections."""
