@@ -12,7 +12,7 @@ has at least one session there; a user's connections live in `apps`, None until 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import msgspec
@@ -151,89 +151,121 @@ class SessionState:
     # -- events ----------------------------------------------------------------------------
 
     def apply(self, event: SessionEvent) -> None:
-        # The writer's per-event cost: the common path (a known user) stays in this frame.
-        now = event.time_ns
-        if now < self.clock_ns:  # a late event: time does not go back
-            now = self.clock_ns
-        else:
-            self.clock_ns = now
-        if now >= self._next_sweep_ns:
-            self.sweep(now)
-        host = event.host
-        users = self.hosts.get(host)
-        if users is None:
-            users = self.hosts[host] = {}
-        key = f"{event.user_directory}\x00{event.user_id}".casefold()  # user_key, inlined
-        entry = users.pop(key, None)
-        if entry is not None and now - entry.last_seen_ns >= self.max_idle_ns:
-            self._end(host, entry, entry.last_seen_ns)
-            self._forget(key, counted=True)
-            entry = None
-        if entry is None:
-            entry = self._begin(event, key, now)
-        else:
-            self._change(event, entry, event.action, now)
-        if entry is not None and entry.sessions:
-            entry.last_seen_ns = now
-            if event.browser_name:
-                entry.browser = _label(event.browser_name, event.browser_major)
-            if event.os_name:
-                entry.os = _label(event.os_name, event.os_version)
-            users[key] = entry  # at the end: the dict stays in last-seen order
-            return
-        if entry is not None:  # its last session stopped
-            self._forget(key, counted=False)
-        if not users:
-            del self.hosts[host]
+        self.apply_all((event,))
 
-    def _begin(self, event: SessionEvent, key: str, now: int) -> UserEntry | None:
-        """A user without a session on the host: rules 1-4 from a count of 0."""
-        action = event.action
-        if action == STOP:
-            self.counters[UNMATCHED_STOP] += 1
-            return None
-        if action == CLOSE:
-            self.counters[UNMATCHED_CLOSE] += 1
-            return None
-        entry = UserEntry(event.user_directory, event.user_id, 1, now, now)
-        self._user_hosts[key] = self._user_hosts.get(key, 0) + 1
-        if action == OPEN:
-            self.counters[IMPLICIT_START] += 1
-            self._change(event, entry, OPEN, now)
-        return entry
+    def apply_all(self, events: Iterable[SessionEvent]) -> None:
+        """Apply `events`, in receive-time order.
 
-    def _change(self, event: SessionEvent, entry: UserEntry, action: int, now: int) -> None:
-        if action == START:
-            entry.sessions += 1
-        elif action == STOP:
-            entry.sessions -= 1
-            if not entry.sessions:
-                self._end(event.host, entry, now)
-                entry.apps = None
-        elif action == OPEN:
-            apps = entry.apps if entry.apps is not None else {}
-            entry.apps = apps
-            app = apps.get(event.app_id)
-            if app is None:
-                apps[_shared(event.app_id)] = AppEntry(_shared(event.app_name), 1, now)
+        The writer's per-event cost: one frame for a whole run of events, with the common
+        paths (a known user's open, close, start) inline; the rare ones call out.
+        """
+        clock, next_sweep = self.clock_ns, self._next_sweep_ns
+        hosts, max_idle, counters = self.hosts, self.max_idle_ns, self.counters
+        labels, ended, keys, user_hosts = _LABELS, self.ended, _KEYS, self._user_hosts
+        for event in events:
+            now = event.time_ns
+            if now < clock:  # a late event: time does not go back
+                now = clock
             else:
-                app.connections += 1
-                if event.app_name:
-                    app.app_name = _shared(event.app_name)
-        else:
-            self._close(event.host, entry, event.app_id, now)
-
-    def _close(self, host: str, entry: UserEntry, app_id: str, now: int) -> None:
-        app = entry.apps.get(app_id) if entry.apps else None
-        if app is None:
-            self.counters[UNMATCHED_CLOSE] += 1
-            return
-        self._record(host, entry, now, app.since_ns, app_id, app.app_name, 1)
-        app.connections -= 1
-        if not app.connections:
-            del entry.apps[app_id]  # type: ignore[union-attr]
-            if not entry.apps:
-                entry.apps = None
+                clock = now
+            if now >= next_sweep:
+                self.clock_ns = clock
+                self.sweep(now)
+                next_sweep = self._next_sweep_ns
+            host = event.host
+            # Subscripts, not .get: cheaper on the hit, and misses are rare.
+            try:
+                users = hosts[host]
+            except KeyError:
+                users = hosts[host] = {}
+            known = keys.get(event.user_id)  # user_key, cached: user names repeat
+            if known is not None and known[0] == event.user_directory:
+                key = known[1]
+            else:  # (not an exception: with many users, misses are not rare)
+                key = _new_key(event.user_directory, event.user_id)
+            entry = users.pop(key, None)
+            if entry is not None and now - entry.last_seen_ns >= max_idle:
+                self._end(host, entry, entry.last_seen_ns)
+                self._forget(key, counted=True)
+                entry = None
+            action = event.action
+            if entry is None:  # _begin, inlined
+                if action in (STOP, CLOSE):
+                    counters[UNMATCHED_STOP if action == STOP else UNMATCHED_CLOSE] += 1
+                    if not users:
+                        del hosts[host]
+                    continue
+                entry = UserEntry(event.user_directory, event.user_id, 1, now, now)
+                user_hosts[key] = user_hosts.get(key, 0) + 1
+                if action == OPEN:
+                    counters[IMPLICIT_START] += 1
+                    entry.apps = {_shared(event.app_id): AppEntry(_shared(event.app_name), 1, now)}
+            elif action == OPEN:
+                apps = entry.apps
+                if apps is None:
+                    apps = entry.apps = {}
+                app = apps.get(event.app_id)
+                if app is None:
+                    apps[_shared(event.app_id)] = AppEntry(_shared(event.app_name), 1, now)
+                else:
+                    app.connections += 1
+                    name = event.app_name
+                    if name and name != app.app_name:
+                        app.app_name = _shared(name)
+            elif action == CLOSE:
+                apps = entry.apps
+                app_id = event.app_id
+                app = apps.get(app_id) if apps else None
+                if app is None:
+                    counters[UNMATCHED_CLOSE] += 1
+                else:  # _record, inlined
+                    ended.append(
+                        Ended(
+                            self.ended_seq,
+                            now,
+                            app.since_ns,
+                            host,
+                            entry.directory,
+                            entry.user_id,
+                            app_id,
+                            app.app_name,
+                            1,
+                        )
+                    )
+                    self.ended_seq += 1
+                    if len(ended) >= 2 * ENDED_KEEP:
+                        del ended[:-ENDED_KEEP]
+                    app.connections -= 1
+                    if not app.connections:
+                        del apps[app_id]  # type: ignore[union-attr]
+                        if not apps:
+                            entry.apps = None
+            elif action == START:
+                entry.sessions += 1
+            else:  # STOP
+                entry.sessions -= 1
+                if not entry.sessions:  # the user's last session there
+                    self._end(host, entry, now)
+                    entry.apps = None
+                    self._forget(key, counted=False)
+                    if not users:
+                        del hosts[host]
+                    continue
+            entry.last_seen_ns = now
+            name = event.browser_name
+            if name:  # _label, its hit inlined
+                try:
+                    entry.browser = labels[name][event.browser_major]
+                except KeyError:
+                    entry.browser = _label(name, event.browser_major)
+            name = event.os_name
+            if name:
+                try:
+                    entry.os = labels[name][event.os_version]
+                except KeyError:
+                    entry.os = _label(name, event.os_version)
+            users[key] = entry  # at the end: the dict stays in last-seen order
+        self.clock_ns = clock
 
     def _end(self, host: str, entry: UserEntry, end_ns: int) -> None:
         """The user's session on the host ended, and with it their open connections."""
@@ -379,6 +411,19 @@ def _label(name: str, version: str) -> str:
     if by_version is not None and len(by_version) < _VERSIONS_MAX:
         by_version[version] = label
     return label
+
+
+_KEYS: dict[str, tuple[str, str]] = {}
+_KEYS_MAX = 1 << 16
+
+
+def _new_key(directory: str, user_id: str) -> str:
+    """`user_key`, remembered by user id (a bounded number: the values come from outside)."""
+    key = user_key(directory, user_id)
+    if len(_KEYS) >= _KEYS_MAX:
+        _KEYS.clear()
+    _KEYS[user_id] = (directory, key)
+    return key
 
 
 _SHARED: dict[str, str] = {}

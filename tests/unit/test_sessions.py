@@ -178,3 +178,34 @@ def test_sessions_config_defaults_keys_and_mistakes() -> None:
     assert caught.value.problems == [
         "senseflow.sessions.snapshotInterval: expected seconds >= 1, found 0"
     ]
+
+
+def test_user_key_cache_stays_bounded_and_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shared.sessions as sessions
+
+    monkeypatch.setattr(sessions, "_KEYS", {})
+    monkeypatch.setattr(sessions, "_KEYS_MAX", 4)
+    state = SessionState(max_idle_ns=3600 * 10**9)
+    for i in range(10):  # the same ids in two directories: one key each, case folded
+        for directory in ("LAB", "lab", "CORP"):
+            state.apply(SessionEvent(i, START, "SENSE1", directory, f"User{i}"))
+            assert len(sessions._KEYS) <= 4
+    assert set(state.hosts["SENSE1"]) == {
+        sessions.user_key(d, f"user{i}") for i in range(10) for d in ("lab", "corp")
+    }
+    assert state.totals() == (30, 20, 0)
+
+
+def test_a_run_applied_at_once_equals_one_by_one() -> None:
+    """`apply_all` (the writer's reorder buffer hands runs over) and `apply` agree, ends too."""
+    actions = [START, OPEN, OPEN, CLOSE, CLOSE, STOP]
+    run = [
+        SessionEvent(i * 7, actions[i * 5 % 6], f"S{i % 2}", "LAB", f"u{i * 3 % 5}", f"a{i % 3}")
+        for i in range(300)
+    ]
+    at_once, one_by_one = SessionState(500, 100), SessionState(500, 100)
+    at_once.apply_all(run)
+    for event in run:
+        one_by_one.apply(event)
+    assert at_once.checkpoint() == one_by_one.checkpoint()
+    assert at_once.ended_seq > 20

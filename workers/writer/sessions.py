@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import logging
 import operator
 import os
@@ -139,14 +140,10 @@ class SessionKeeper:
 
     def _apply_until(self, until_ns: int) -> None:
         waiting = self.waiting
-        count = 0
-        apply = self.state.apply
-        for event in waiting:
-            if event.time_ns > until_ns:
-                break
-            apply(event)
-            count += 1
-        del waiting[:count]
+        count = bisect.bisect_right(waiting, until_ns, key=_time)  # waiting is in time order
+        if count:
+            self.state.apply_all(itertools.islice(waiting, count))
+            del waiting[:count]
 
     def flush(self) -> None:
         """Apply everything waiting (at drain: nothing later can come)."""
