@@ -286,8 +286,11 @@ class Subscriber:
             assert time.monotonic() < deadline, "subscriber never received the probe"
 
     def messages(self) -> list[tuple[str, str]]:
+        """Every whole line so far: mosquitto_sub writes to a file in blocks, so a line
+        still being written may end the file cut short; it is left for the next call."""
+        text = self.path.read_text(encoding="utf-8", errors="replace")
         result = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in text[: text.rfind("\n") + 1].splitlines():
             topic, _, payload = line.partition(" ")
             if not topic.endswith("__probe__"):
                 result.append((topic, payload))
