@@ -43,19 +43,14 @@ from benchmarks.endtoend import (
     run_trial,
 )
 from senseflow.commands.corpus import make_corpus
-from tests.e2e.harness import Service
+from tests.e2e.harness import Service, cli_of
 
 MODE = "influx+mqtt"
 WRITER = "writer"
-IMPORT_CHECK = """
-import importlib
-for name in ("senseflow.cli", "receiver.cli", "workers.writer", "shared.config"):
-    try:
-        print(importlib.import_module(name).__file__)
-    except ModuleNotFoundError:
-        pass
-"""
-"""Where the tree's CLI (either layout), writer and config come from."""
+IMPORT_CHECK = (
+    "import importlib, sys; [print(importlib.import_module(m).__file__) for m in sys.argv[1:]]"
+)
+"""Where the given modules come from (the tree's CLI, writer and config)."""
 
 
 def log(message: str) -> None:
@@ -77,7 +72,7 @@ def imported_files(tree: Path) -> list[str]:
     environment (what `senseflow run` started the same way imports); raises if any is
     not inside the tree."""
     done = subprocess.run(
-        [sys.executable, "-c", IMPORT_CHECK],
+        [sys.executable, "-c", IMPORT_CHECK, cli_of(tree)[-1], "workers.writer", "shared.config"],
         cwd=tree,
         env=tree_environment(tree),
         capture_output=True,
