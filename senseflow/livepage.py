@@ -28,7 +28,9 @@ from shared.sessions import EXPIRED
 from shared.sessionview import iso_time
 
 HISTORY_MINUTES = 60
-SAMPLE_SECONDS = 2.0
+SAMPLE_SECONDS = 10.0
+"""How often the chart's per-minute peaks are sampled: each sample may decode the writer's
+latest state, so not more often than the chart needs."""
 ASSETS = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/live/app.js": ("app.js", "text/javascript; charset=utf-8"),

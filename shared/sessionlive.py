@@ -58,6 +58,5 @@ class Published(NamedTuple):
 def decode_live(data: bytes) -> Published:
     live = _DECODER.decode(data)
     state = SessionState.from_checkpoint(live.state)
-    for event in live.waiting:
-        state.apply(event)
+    state.apply_all(live.waiting)
     return Published(state, live.published_ns, live.state.ended_seq)
