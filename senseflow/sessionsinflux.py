@@ -58,7 +58,9 @@ from workers.encode import escape_field_string
 log = logging.getLogger("senseflow.sessions")
 
 SOURCE = "user_events"
-ENDED_SECONDS = 1.0
+ENDED_SECONDS = 5.0
+"""Each check reads (decodes) the writer's latest published state: every second, at
+10,000 events/s, the session exports cost the supervisor ~10 µs per event."""
 LINES_PER_POST = 5000
 
 
