@@ -87,39 +87,9 @@ class Fence(msgspec.Struct, array_like=True, gc=False, tag=2):
     datagrams: int
 
 
-class _UntaggedBatch(msgspec.Struct, array_like=True, gc=False):
-    """An `EncodedBatch` as spooled before batches were tagged (a previous version's spool)."""
-
-    lines: bytes
-    mqtt_payloads: list[bytes]
-    actions: bytes
-    newrelic: list[bytes]
-    received_ns: list[int]
-    counters: dict[str, int]
-    worker: int = -1
-    number: int = 0
-    datagrams: int = 0
-    fence: bool = False
-    sessions: bytes = b""
-
-
 def decode_spooled(record: bytes) -> EncodedBatch:
-    """A batch read back from the spool, also one an older version spooled."""
-    try:
-        return SPOOLED_DECODER.decode(record)
-    except msgspec.ValidationError:
-        old = _UNTAGGED_DECODER.decode(record)
-        return EncodedBatch(
-            old.lines,
-            old.mqtt_payloads,
-            old.actions,
-            old.newrelic,
-            old.received_ns,
-            old.counters,
-            old.worker,
-            old.number,
-            old.datagrams,
-        )
+    """A batch read back from the spool (raises msgspec.DecodeError when it is not one)."""
+    return SPOOLED_DECODER.decode(record)
 
 
 def raw_batch_size(message: bytes) -> int:
@@ -139,4 +109,3 @@ RAW_DECODER = msgspec.msgpack.Decoder(RawBatch)
 ENCODED_DECODER = msgspec.msgpack.Decoder(EncodedBatch | Fence)
 """The workers -> writer channel: a batch, or the supervisor's fence."""
 SPOOLED_DECODER = msgspec.msgpack.Decoder(EncodedBatch)
-_UNTAGGED_DECODER = msgspec.msgpack.Decoder(_UntaggedBatch)

@@ -210,24 +210,6 @@ def test_block_values_are_int64(block: Any) -> None:
     assert ctypes.sizeof(block) % 8 == 0
 
 
-def test_a_batch_spooled_before_batches_were_tagged_is_still_counted(
-    tmp_path: Path, block: Any
-) -> None:
-    """A spool left by a version whose batches had no tag (and a `fence` field) replays."""
-    from shared.events import _UntaggedBatch
-
-    config = writer_config(tmp_path, influx=True)
-    writer = make_writer(config, block)
-    assert writer.spool is not None
-    old = _UntaggedBatch(b"m x=1i 1\n" * 3, [], b"", [], [1, 2, 3], {"events": 3}, 0, 0, 3)
-    writer.spool.append(RAW_ENCODER.encode(old), 3)  # spooled, then the writer was killed
-    writer.spool._lock.close()
-
-    successor = make_writer(config, block)
-    assert successor.counters.get("events") == 3
-    assert successor.counters.get(SPOOLED) == 1
-
-
 def test_one_ack_call_counts_moves_the_cursor_and_measures_one_delivery(
     tmp_path: Path, block: Any
 ) -> None:
