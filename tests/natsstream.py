@@ -5,10 +5,24 @@ from __future__ import annotations
 import ssl
 
 import nats
+import nats.errors
+from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 Stored = tuple[str, str, bytes]
 """subject, Nats-Msg-Id, payload"""
+
+
+async def stored_count(js: JetStreamContext, stream: str, attempts: int) -> int:
+    """The stream's message count; a cluster electing a new leader may let a request time
+    out (seen once in CI after a node kill), so ask again, `attempts` times at most."""
+    for attempt in range(attempts):
+        try:
+            return (await js.stream_info(stream)).state.messages
+        except nats.errors.TimeoutError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 async def stream_messages(
@@ -22,7 +36,7 @@ async def stream_messages(
     nc = await nats.connect(servers=servers, tls=tls)
     try:
         js = nc.jetstream(timeout=timeout)  # a cluster that just lost a node is slow to answer
-        stored = (await js.stream_info(stream)).state.messages
+        stored = await stored_count(js, stream, attempts=3)
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
         sub = await js.pull_subscribe(subjects, stream=stream, config=config)
         found: list[Stored] = []
