@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import nats
 import nats.errors
-from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+T = TypeVar("T")
 Stored = tuple[str, str, bytes]
 """subject, Nats-Msg-Id, payload"""
 
 
-async def stored_count(js: JetStreamContext, stream: str, attempts: int) -> int:
-    """The stream's message count; a cluster electing a new leader may let a request time
-    out (seen once in CI after a node kill), so ask again, `attempts` times at most."""
-    for attempt in range(attempts):
+async def retried(request: Callable[[], Awaitable[T]], attempts: int = 3) -> T:
+    """A JetStream API request, asked again when it times out: a cluster electing a new
+    leader after a node kill may let requests time out (seen in CI)."""
+    for _ in range(attempts - 1):
         try:
-            return (await js.stream_info(stream)).state.messages
+            return await request()
         except nats.errors.TimeoutError:
-            if attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
+            pass
+    return await request()
 
 
 async def stream_messages(
@@ -36,9 +37,9 @@ async def stream_messages(
     nc = await nats.connect(servers=servers, tls=tls)
     try:
         js = nc.jetstream(timeout=timeout)  # a cluster that just lost a node is slow to answer
-        stored = await stored_count(js, stream, attempts=3)
+        stored = (await retried(lambda: js.stream_info(stream))).state.messages
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-        sub = await js.pull_subscribe(subjects, stream=stream, config=config)
+        sub = await retried(lambda: js.pull_subscribe(subjects, stream=stream, config=config))
         found: list[Stored] = []
         while len(found) < stored:
             for msg in await sub.fetch(min(1000, stored - len(found)), timeout=timeout):
