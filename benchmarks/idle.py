@@ -58,13 +58,14 @@ def memory(processes: ServiceProcesses) -> dict[str, dict[str, float]]:
 
 
 def measure(
-    seconds: float, flags: list[str], with_memory: bool, start_method: str, rate: int = 0
+    seconds: float, flags: list[str], with_memory: bool, start_method: str | None, rate: int = 0
 ) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp, InfluxServer() as influx:
         influx.create_database("idle")
         port = udp_port()
-        # Only when asked for: a tree from before the key would refuse it (A/B runs).
-        own: dict[str, Any] = {"startMethod": start_method} if start_method != "spawn" else {}
+        # Only when asked for (else the tree's default): a tree from before the key would
+        # refuse it (A/B runs).
+        own: dict[str, Any] = {"startMethod": start_method} if start_method else {}
         config = write_config(Path(tmp) / "idle.yaml", port, influx, "idle", **own)
         service = Service(config, Path(tmp) / "service.log", *flags)
         try:
@@ -83,7 +84,7 @@ def measure(
             result: dict[str, object] = {
                 "seconds": seconds,
                 "flags": flags,
-                "start_method": start_method,
+                "start_method": start_method or "default",
                 "cpu_s": per_process,
                 "total_cpu_s": round(sum(per_process.values()), 3),
                 "percent_of_a_core": round(100 * sum(per_process.values()) / seconds, 2),
@@ -108,7 +109,9 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=None)
     parser.add_argument("--rss", action="store_true", help="RSS and PSS per process too")
     parser.add_argument("--rate", type=int, default=0, help="events/s sent in the window")
-    parser.add_argument("--start-method", choices=("spawn", "forkserver"), default="spawn")
+    parser.add_argument(
+        "--start-method", choices=("spawn", "forkserver"), help="default: the tree's default"
+    )
     args = parser.parse_args()
     flags: list[str] = []
     if args.workers is not None:

@@ -59,6 +59,12 @@ def add_run_command(commands: Any) -> None:
     parser.add_argument("--port", type=int, help="UDP port (portUserActivityEvents)")
     parser.add_argument("--readers", type=positive_int, help="receiver processes sharing the port")
     parser.add_argument("--workers", type=positive_int, help="parse/enrich/encode processes")
+    parser.add_argument(
+        "--start-method",
+        choices=("forkserver", "spawn"),
+        help="children forked from one preloaded server (default; shares ua-parser's rules"
+        " and the code) or each a fresh interpreter (startMethod)",
+    )
     parser.add_argument("--batch-size", type=positive_int, help="InfluxDB lines per write")
     parser.add_argument(
         "--flush-interval",
@@ -103,6 +109,7 @@ def apply_run_flags(config: Config, args: argparse.Namespace) -> Config:
     pipeline_flags = {
         "readers": args.readers,
         "workers": args.workers,
+        "start_method": args.start_method,
         "batch_size": args.batch_size,
         "flush_interval": args.flush_interval,
         "queue_size": args.queue_size,
