@@ -664,3 +664,17 @@ def test_configured_tags_cannot_break_the_point(tags: list[dict[str, str]], prob
     (found,) = problems_of(butler(userEvents={"tags": tags}))
     assert found.startswith("Butler-SOS.userEvents.tags[")
     assert problem in found
+
+
+def test_children_start_from_the_fork_server_unless_told_otherwise() -> None:
+    from senseflow.cli import apply_run_flags, build_parser
+    from shared.config import Config
+
+    parser = build_parser()
+    assert Config().pipeline.start_method == "forkserver"
+    spawned = config_from_document({"senseflow": {"startMethod": "spawn"}}, {})
+    assert spawned.pipeline.start_method == "spawn"
+    for flag in ("spawn", "forkserver"):
+        args = parser.parse_args(["run", "--start-method", flag])
+        assert apply_run_flags(spawned, args).pipeline.start_method == flag
+    assert apply_run_flags(spawned, parser.parse_args(["run"])).pipeline.start_method == "spawn"
