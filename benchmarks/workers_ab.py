@@ -8,13 +8,14 @@ A trial is `benchmarks.endtoend.run_trial` (send `rate` x `duration`, wait until
 holds every event): zero loss, the drain time after the last datagram, CPU per event per
 process. `--hog` runs a busy loop (`python -c 'while 1: pass'`) beside the run, started and
 stopped by its pid: the "loaded machine" of the issue. `--nice-workers N` adds a service
-with the most workers and `workerNiceness: N` (the reader and the writer stay at 0). Figures
+with the most workers whose workers run at niceness N (reader and writer at 0). Figures
 are indicative on a shared machine; compare the counts only within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -60,9 +61,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         }
         if args.nice_workers:
             most = max(args.workers)
-            niceness = {"workerNiceness": args.nice_workers}
-            niced = RunningService(bench, MODE, most, pipeline=niceness)
-            stack.enter_context(closing(niced))
+            niced = stack.enter_context(closing(RunningService(bench, MODE, most)))
+            renice_workers(niced, args.nice_workers)
             services[f"{most} nice {args.nice_workers}"] = niced
         with cpu_hog(args.hog):
             for rate in args.rates:
@@ -77,6 +77,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                             {**trial.as_dict(), "label": label, "repeat": repeat, "hog": args.hog}
                         )
     return records
+
+
+def renice_workers(service: RunningService, niceness: int) -> None:
+    """Lower the workers' CPU priority (the reader and writer keep theirs)."""
+    for index in range(service.workers):
+        for pid in service.service.child_pids(f"worker-{index}"):
+            os.setpriority(os.PRIO_PROCESS, pid, niceness)
 
 
 @contextmanager
