@@ -405,9 +405,6 @@ class Pipeline(Own, frozen=True):
     peer_token: str = ""
     """Bearer token sent to the peers ('' : none)."""
     peer_timeout: float = 2.0
-    worker_niceness: int = 0
-    """Added to the workers' niceness (0-19): on oversubscribed cores the reader, whose
-    socket buffer overflows first, then wins the CPU from them (docs/OPERATIONS.md)."""
     start_method: Literal["spawn", "forkserver"] = "forkserver"
     """How children start: `forkserver` forks them from a server that loaded the code and
     ua-parser's rules once (shared memory, docs/OPERATIONS.md); `spawn`: a fresh interpreter.
@@ -520,10 +517,6 @@ def check_semantics(config: Config) -> list[str]:
     problems.extend(_check_new_relic_url(config))
     problems.extend(_check_metrics(pipe))
     problems.extend(_check_heartbeat(pipe))
-    if not 0 <= pipe.worker_niceness <= 19:
-        problems.append(
-            f"{OWN_SECTION}.workerNiceness: expected 0-19, found {pipe.worker_niceness}"
-        )
     problems.extend(_check_app_names(config.butler))
     problems.extend(_check_mqtt(config))
     problems.extend(_check_sessions(pipe.sessions))

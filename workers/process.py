@@ -12,7 +12,6 @@ report timer it beats its heartbeat (the supervisor restarts a worker that stops
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from shared import exitcodes
@@ -32,8 +31,6 @@ log = logging.getLogger("senseflow.worker")
 def run(config: Config, channels: Channels, index: int, parent_pid: int, block: object) -> int:
     name = f"worker-{index}"
     setup_logging(config.pipeline.log_level, config.pipeline.log_format, name)
-    if config.pipeline.worker_niceness:
-        os.nice(config.pipeline.worker_niceness)
     return start(Worker(config, channels, index, SharedCounters(block)), parent_pid)
 
 

@@ -63,17 +63,3 @@ def test_a_stopped_worker_stalls_nothing_while_the_other_has_room(
 def stopped_state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().rpartition(")")[2].split()[0]
-
-
-def test_worker_niceness_lowers_the_workers_priority_only(start_service: StartService) -> None:
-    running = start_service("--workers", "2", mqtt=False, workerNiceness=5)
-    base = niceness(running.process.pid)
-    workers = [pid for i in (0, 1) for pid in running.child_pids(f"worker-{i}")]
-    assert [niceness(pid) for pid in workers] == [base + 5, base + 5]
-    assert niceness(running.child_pids("reader-0")[0]) == base
-    assert niceness(running.child_pids("writer")[0]) == base
-
-
-def niceness(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as stat:
-        return int(stat.read().rpartition(")")[2].split()[16])

@@ -251,11 +251,6 @@ def test_numbers_and_booleans_written_as_strings_are_accepted() -> None:
             id="out of range: heartbeat timeout",
         ),
         pytest.param(
-            {"senseflow": {"workerNiceness": 20}},
-            "senseflow.workerNiceness: expected 0-19, found 20",
-            id="out of range: worker niceness",
-        ),
-        pytest.param(
             butler(userEvents={"udpServerConfig": {"portUserActivityEvents": 99999}}),
             "Butler-SOS.userEvents.udpServerConfig.portUserActivityEvents: "
             "expected a port 0-65535, found 99999",
