@@ -44,6 +44,11 @@ class CoalescingReader:
         """Times the loop woke the reader (socket readable or poll timer): for tests."""
         self.polls = 0
 
+    @property
+    def polling(self) -> bool:
+        """Whether the socket is read on the timer now (else watched)."""
+        return self._poll is not None
+
     def start(self) -> None:
         self._watch()
 
