@@ -23,6 +23,8 @@ from receiver.endpoint import BatchingEndpoint
 
 BUDGET = 1024
 """Datagrams read per wake-up or poll at most, so the loop's other work gets its turn."""
+READ_REST_LIMIT = 200_000
+"""Datagrams read on the way out at most (a few tenths of a second)."""
 MIN_PER_POLL = 8
 """Datagrams a pause must gather to be worth a timer wake-up (which costs more than a
 socket's); below that rate the reader stays in interrupt mode."""
@@ -60,10 +62,11 @@ class CoalescingReader:
         else:
             self._loop.remove_reader(self._fd)
 
-    def read_rest(self) -> int:
-        """Read what is left in the socket (after `stop`, on the way out)."""
+    def read_rest(self, limit: int = READ_REST_LIMIT) -> int:
+        """Read what is left in the socket (after `stop`, on the way out), at most `limit`
+        datagrams: a sender that outpaces the reader must not keep it from exiting."""
         total = 0
-        while (read := self._endpoint.drain(self._sock, BUDGET)) > 0:
+        while total < limit and (read := self._endpoint.drain(self._sock, BUDGET)) > 0:
             total += read
         return total
 

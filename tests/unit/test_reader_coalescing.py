@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from receiver.endpoint import ReceiveClock, make_endpoint
 from receiver.polling import MIN_PER_POLL, CoalescingReader
@@ -75,7 +76,23 @@ def send_paced(port: int, count: int) -> None:
                 time.sleep(0.0005)
 
 
-def run(pause_ms: int, body: Callable[[Harness], Awaitable[None]]) -> Harness:
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "uvloop": uvloop.new_event_loop,
+    "asyncio": asyncio.new_event_loop,
+}
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def loop_factory(request: pytest.FixtureRequest) -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop (what the reader runs on) and asyncio's own loop."""
+    return LOOPS[request.param]
+
+
+def run(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    pause_ms: int,
+    body: Callable[[Harness], Awaitable[None]],
+) -> Harness:
     async def main() -> Harness:
         harness = Harness(pause_ms)
         harness.reading.start()
@@ -86,7 +103,8 @@ def run(pause_ms: int, body: Callable[[Harness], Awaitable[None]]) -> Harness:
             harness.close()
         return harness
 
-    return asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main())
 
 
 async def receive_paced(harness: Harness) -> None:
@@ -99,8 +117,10 @@ async def receive_paced(harness: Harness) -> None:
         await asyncio.to_thread(sender.join)
 
 
-def test_a_steady_flow_is_read_many_datagrams_per_wakeup_in_order() -> None:
-    harness = run(2, receive_paced)
+def test_a_steady_flow_is_read_many_datagrams_per_wakeup_in_order(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    harness = run(loop_factory, 2, receive_paced)
     assert harness.handed == [b"event %06d" % seq for seq in range(PACED)]
     assert all(a < b for a, b in zip(harness.times, harness.times[1:], strict=False))
     assert harness.reading.polls > 0
@@ -109,7 +129,9 @@ def test_a_steady_flow_is_read_many_datagrams_per_wakeup_in_order() -> None:
     assert harness.counters.snapshot() == {names.RECEIVED: PACED, names.QUEUED: PACED}
 
 
-def test_after_the_flow_the_reader_watches_the_socket_again() -> None:
+def test_after_the_flow_the_reader_watches_the_socket_again(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
     async def body(harness: Harness) -> None:
         await receive_paced(harness)
         await harness.until(lambda: not harness.reading.polling)
@@ -118,16 +140,20 @@ def test_after_the_flow_the_reader_watches_the_socket_again() -> None:
         await harness.until(lambda: harness.handed[-1:] == [b"late"])
         assert harness.reading.polls == polls  # read on its own wake-up, not by a poll
 
-    run(2, body)
+    run(loop_factory, 2, body)
 
 
-def test_zero_turns_coalescing_off() -> None:
-    harness = run(0, receive_paced)
+def test_zero_turns_coalescing_off(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    harness = run(loop_factory, 0, receive_paced)
     assert harness.handed == [b"event %06d" % seq for seq in range(PACED)]
     assert harness.reading.polls == 0
 
 
-def test_stop_then_read_rest_takes_what_waits_in_the_socket() -> None:
+def test_stop_then_read_rest_takes_what_waits_in_the_socket(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
     async def body(harness: Harness) -> None:
         harness.reading.stop()
         for seq in range(5):
@@ -138,7 +164,7 @@ def test_stop_then_read_rest_takes_what_waits_in_the_socket() -> None:
         harness.endpoint.count_drops()
         harness.reading.start()  # for the harness's own stop
 
-    harness = run(2, body)
+    harness = run(loop_factory, 2, body)
     assert harness.handed == [b"left %d" % seq for seq in range(5)]
     assert harness.counters.snapshot() == {
         names.RECEIVED: 6,
