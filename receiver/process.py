@@ -141,7 +141,10 @@ class Reader:
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         endpoint = self.make_endpoint()
-        reading = CoalescingReader(self.sock, endpoint, self.config.pipeline.reader_coalesce_ms)
+        pipe = self.config.pipeline
+        # A poll never waits longer than a batch may: the reader's latency bound stays.
+        pause_ms = min(pipe.reader_coalesce_ms, pipe.reader_flush_ms)
+        reading = CoalescingReader(self.sock, endpoint, pause_ms)
         reading.start()
         address = self.sock.getsockname()
         log.info("listening on UDP %s:%d", address[0], address[1])

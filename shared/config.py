@@ -353,7 +353,8 @@ class Pipeline(Own, frozen=True):
     reader_flush_ms: int = 10
     reader_coalesce_ms: int = 2
     """While datagrams flow (>= 8 per this many ms), a reader reads its socket every this
-    many ms rather than on every datagram's wake-up (receiver/polling.py); 0: off."""
+    many ms (at most `reader_flush_ms`) rather than on every datagram's wake-up
+    (receiver/polling.py); 0: off."""
     receive_buffer: int = 32 * 1024 * 1024
     summary_interval: int = 0
     on_unreachable: Literal["fail", "wait"] = "fail"
