@@ -91,9 +91,12 @@ class CoalescingReader:
     def _on_poll(self) -> None:
         self.wakeups += 1
         self.polls += 1
-        read = self._endpoint.drain(self._sock, BUDGET)
-        self._endpoint.flush_if_due(self._loop.time() + self._pause)
-        if MIN_PER_POLL <= read < BUDGET:
-            self._poll = self._loop.call_later(self._pause, self._on_poll)
-        else:
-            self._watch()
+        read = 0  # should the hand-over raise (the loop logs it), the socket is watched again
+        try:
+            read = self._endpoint.drain(self._sock, BUDGET)
+            self._endpoint.flush_if_due(self._loop.time() + self._pause)
+        finally:
+            if MIN_PER_POLL <= read < BUDGET:
+                self._poll = self._loop.call_later(self._pause, self._on_poll)
+            else:
+                self._watch()
