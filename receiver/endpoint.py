@@ -9,6 +9,7 @@ is full the whole batch is dropped and counted, so the socket is never blocked.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -85,6 +86,7 @@ class BatchingEndpoint(asyncio.DatagramProtocol):
         self._max_bytes = out.max_message // 2
         # The flush timer is armed only while a batch is open: an idle reader never wakes.
         self._timer: asyncio.TimerHandle | None = None
+        self._flush_due = 0.0
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -105,7 +107,48 @@ class BatchingEndpoint(asyncio.DatagramProtocol):
         if len(datagrams) >= self._batch_size:
             self.flush()
         elif self._timer is None:
-            self._timer = self._loop.call_later(self._flush_s, self.flush)
+            self.arm_flush_timer()
+
+    def arm_flush_timer(self) -> None:
+        self._flush_due = self._loop.time() + self._flush_s
+        self._timer = self._loop.call_later(self._flush_s, self.flush)
+
+    def drain(self, sock: socket.socket, budget: int) -> int:
+        """Read up to `budget` datagrams from `sock` (non-blocking), as `datagram_received`
+        would take them one by one; returns how many were read (fewer: the socket is empty)."""
+        recv = sock.recv
+        bufsize = self._max_size + 1  # a longer datagram is cut to this and counted too large
+        stamp = self._clock.next
+        read = 0
+        while read < budget:
+            try:
+                data = recv(bufsize)
+            except BlockingIOError:
+                break
+            except OSError:  # an error queued on the socket: counted, reading goes on
+                self._counters.add(names.SOCKET_ERRORS)
+                break
+            read += 1
+            size = len(data)
+            if size > self._max_size:
+                self._too_large += 1
+                continue
+            if self._bytes + size > self._max_bytes:
+                self.flush()
+            self._datagrams.append(data)
+            self._times.append(stamp())
+            self._bytes += size + 16
+            if len(self._datagrams) >= self._batch_size:
+                self.flush()
+        if self._datagrams and self._timer is None:
+            self.arm_flush_timer()
+        return read
+
+    def flush_if_due(self, horizon: float) -> None:
+        """Hand over the open batch now if its flush timer would fire by `horizon` (loop
+        time): a reader that polls anyway spares the loop that separate wake-up."""
+        if self._timer is not None and self._flush_due <= horizon:
+            self.flush()
 
     def count_drops(self) -> None:
         """Move the datagrams dropped since the last call into the counters."""
@@ -170,6 +213,24 @@ class GuardedEndpoint(BatchingEndpoint):
             self._rate_limited += 1
             return
         super().datagram_received(data, addr)
+
+    def drain(self, sock: socket.socket, budget: int) -> int:
+        """As `BatchingEndpoint.drain`, with each datagram's source for the guards."""
+        recvfrom = sock.recvfrom
+        bufsize = self._max_size + 1
+        receive = self.datagram_received
+        read = 0
+        while read < budget:
+            try:
+                data, addr = recvfrom(bufsize)
+            except BlockingIOError:
+                break
+            except OSError:  # an error queued on the socket: counted, reading goes on
+                self._counters.add(names.SOCKET_ERRORS)
+                break
+            read += 1
+            receive(data, addr)
+        return read
 
     def count_drops(self) -> None:
         super().count_drops()

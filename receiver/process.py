@@ -13,6 +13,7 @@ import uvloop
 
 from receiver.endpoint import BatchingEndpoint, instance_clock, make_endpoint
 from receiver.guards import RateLimiter, resolve_sources
+from receiver.polling import CoalescingReader
 from shared import counternames as names
 from shared import exitcodes
 from shared.config import Config
@@ -140,7 +141,11 @@ class Reader:
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         endpoint = self.make_endpoint()
-        transport, _ = await loop.create_datagram_endpoint(lambda: endpoint, sock=self.sock)
+        pipe = self.config.pipeline
+        # A poll never waits longer than a batch may: the reader's latency bound stays.
+        pause_ms = min(pipe.reader_coalesce_ms, pipe.reader_flush_ms)
+        reading = CoalescingReader(self.sock, endpoint, pause_ms)
+        reading.start()
         address = self.sock.getsockname()
         log.info("listening on UDP %s:%d", address[0], address[1])
         report(self.channels, self.name, "ready", address[1])
@@ -154,8 +159,8 @@ class Reader:
                 self.publish_counters()
             if self.limiter is not None:
                 self.limiter.refresh()
-        transport.close()
-        await asyncio.sleep(0)
+        reading.stop()
+        reading.read_rest()
         await loop.run_in_executor(None, self.drain, endpoint)
         self.count_kernel_drops()
         return exitcodes.OK

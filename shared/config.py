@@ -351,6 +351,10 @@ class Pipeline(Own, frozen=True):
     queue_size: int = 64
     reader_batch_size: int = 500
     reader_flush_ms: int = 10
+    reader_coalesce_ms: int = 2
+    """While datagrams flow (>= 8 per this many ms), a reader reads its socket every this
+    many ms (at most `reader_flush_ms`) rather than on every datagram's wake-up
+    (receiver/polling.py); 0: off."""
     receive_buffer: int = 32 * 1024 * 1024
     summary_interval: int = 0
     on_unreachable: Literal["fail", "wait"] = "fail"
@@ -480,6 +484,11 @@ def config_from_document(document: Any, env: Any) -> Config:
     return config
 
 
+MAX_READER_COALESCE_MS = 20
+"""A longer pause would hold datagrams in the kernel's buffer (and delay their receive
+times) for longer than the reader's own flush does."""
+
+
 def check_semantics(config: Config) -> list[str]:
     """Rules that types alone cannot express."""
     problems = []
@@ -517,6 +526,11 @@ def check_semantics(config: Config) -> list[str]:
     problems.extend(_check_new_relic_url(config))
     problems.extend(_check_metrics(pipe))
     problems.extend(_check_heartbeat(pipe))
+    if not 0 <= pipe.reader_coalesce_ms <= MAX_READER_COALESCE_MS:
+        problems.append(
+            f"{OWN_SECTION}.readerCoalesceMs: expected 0-{MAX_READER_COALESCE_MS} (ms), "
+            f"found {pipe.reader_coalesce_ms}"
+        )
     problems.extend(_check_app_names(config.butler))
     problems.extend(_check_mqtt(config))
     problems.extend(_check_sessions(pipe.sessions))
