@@ -129,17 +129,31 @@ class SessionMirror:
     # -- the view -------------------------------------------------------------------------
 
     def view(self) -> SessionState:
-        """The published state with the reorder buffer applied (a new object: the mirror
-        stays as the writer's)."""
+        """The published state with the reorder buffer applied: the per-host dicts copied
+        (references) and the buffered events applied to copies of the entries they touch,
+        so the mirror stays as the writer's."""
+        waiting = self.buffered()
+        if not waiting:
+            return self.confirmed()
         view = SessionState(self.max_idle_ns)
         view.clock_ns = self.clock_ns
         view.hosts = {host: dict(users) for host, users in self.hosts.items()}
         view._user_hosts = dict(self.user_hosts)
         view.counters.update(self.counters)
         view.ended, view.ended_seq = list(self.ended), self.ended_seq
-        waiting = self.buffered()
-        if waiting:
-            self._overlay(view, waiting)
+        self._overlay(view, waiting)
+        return view
+
+    def confirmed(self) -> SessionState:
+        """The published state without the reorder buffer, sharing the mirror's dicts (no
+        copy): a sweep of the view removes from the mirror only users the writer removes
+        too (the end it publishes then finds nothing to remove; a user it kept comes back
+        with the next delta's entry)."""
+        view = SessionState(self.max_idle_ns)
+        view.clock_ns = self.clock_ns
+        view.hosts, view._user_hosts = self.hosts, self.user_hosts
+        view.counters.update(self.counters)
+        view.ended, view.ended_seq = list(self.ended), self.ended_seq
         return view
 
     def _overlay(self, view: SessionState, waiting: list[SessionEvent]) -> None:

@@ -38,6 +38,8 @@ log = logging.getLogger("senseflow.sessions")
 
 OTHER_APPS = "other"
 NO_APP = "none"
+SETTLED_NS = 2 * 10**9
+"""The writer published nothing for this long: its reorder buffer stays as it is."""
 
 
 def live_path(config: Config) -> Path:
@@ -73,12 +75,11 @@ class DeltaLog:
             os.close(fd)
             return None
 
-    def frames(self) -> list[bytes]:
-        chunks = [self.unread]
-        while chunk := os.pread(self.fd, 1 << 20, self.offset):
-            chunks.append(chunk)
-            self.offset += len(chunk)
-        data = b"".join(chunks)
+    def frames(self) -> list[memoryview]:
+        """The whole frames appended since the last call (one read of what is new)."""
+        size = os.fstat(self.fd).st_size
+        data = self.unread + os.pread(self.fd, max(0, size - self.offset), self.offset)
+        self.offset += len(data) - len(self.unread)
         frames, used = split_frames(data)
         self.unread = data[used:]
         return frames
@@ -122,15 +123,26 @@ class LiveSessionsReader:
         return self._mirror.ended_seq
 
     @contextlib.contextmanager
-    def state(self, now_ns: int | None = None) -> Iterator[SessionState]:
-        """The latest published state, idle users swept at `now_ns` (default: now)."""
+    def state(self, now_ns: int | None = None, *, buffered: bool = True) -> Iterator[SessionState]:
+        """The latest published state, idle users swept at `now_ns` (default: now).
+
+        `buffered`: with the events still in the writer's reorder buffer applied, so the
+        view follows the events within a publish (`/api/sessions`, Prometheus). False (the
+        exports, which poll every few seconds): only once the writer has been idle for
+        `SETTLED_NS`; while events keep coming it applies them itself within its 2 s
+        window, and the view costs no replay of its buffer."""
         with self.lock:
             self._refresh()
-            version = self._current()
-            if self._view is None or self._view_of != version:
-                self._view, self._view_of = self._mirror.view(), version
-            self._view.sweep(time.time_ns() if now_ns is None else now_ns)
-            yield self._view
+            mirror = self._mirror
+            if buffered or time.time_ns() - mirror.published_ns >= SETTLED_NS:
+                version = self._current()
+                if self._view is None or self._view_of != version:
+                    self._view, self._view_of = mirror.view(), version
+                state = self._view
+            else:
+                state = mirror.confirmed()
+            state.sweep(time.time_ns() if now_ns is None else now_ns)
+            yield state
 
     def version(self) -> tuple[int, int, int] | None:
         """Changes whenever a new state is published."""
@@ -255,7 +267,7 @@ class SessionCollector:
         outcomes = CounterMetricFamily(
             "senseflow_session_outcomes", "Session rule outcomes, by counter", labels=["counter"]
         )
-        with self.reader.state() as state:
+        with self.reader.state() as state:  # scraped every 15-60 s: the buffer too
             apps = app_usage(state)
             for host, users in state.hosts.items():
                 entries = users.values()

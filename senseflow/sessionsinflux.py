@@ -198,7 +198,7 @@ class SessionSnapshots:
         """Ends the writer numbered since the last write, and those of the events still in
         its reorder buffer (numbered here for now: written again once the writer has
         numbered them; the same points, so nothing doubles)."""
-        with self.reader.state() as state:
+        with self.reader.state(buffered=False) as state:
             confirmed = self.reader.confirmed_seq
             new = [e for e in state.ended if e.seq >= self.next_seq]
             version = (self.reader.published_ns, state.ended_seq)
@@ -221,7 +221,7 @@ class SessionSnapshots:
 
     def write(self) -> None:
         now = time.time_ns()
-        with self.reader.state(now) as state:
+        with self.reader.state(now, buffered=False) as state:
             body = self.snapshot.lines(state.hosts, now)
         try:
             for chunk in chunks(body, LINES_PER_POST):

@@ -108,7 +108,7 @@ class SessionSummaries:
         if version == self.seen_version and now < self.recheck_at:
             return {}
         self.seen_version, self.recheck_at = version, now + RECHECK_SECONDS
-        with self.reader.state() as state:
+        with self.reader.state(buffered=False) as state:
             current = {host: summary(host, users) for host, users in state.hosts.items()}
         for host in self.published.keys() - current.keys():
             current[host] = summary(host, {})

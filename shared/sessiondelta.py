@@ -78,25 +78,25 @@ def frame(message: DeltaHeader | LiveDelta) -> bytes:
     return _LENGTH.pack(len(payload)) + payload
 
 
-def split_frames(data: bytes | bytearray) -> tuple[list[bytes], int]:
-    """The whole frames at the start of `data`, and how many bytes they take (a frame the
-    writer is still appending stays for the next read)."""
-    frames, offset, size = [], 0, len(data)
+def split_frames(data: bytes) -> tuple[list[memoryview], int]:
+    """The whole frames at the start of `data` (views, not copies), and how many bytes
+    they take (a frame the writer is still appending stays for the next read)."""
+    frames, offset, size, view = [], 0, len(data), memoryview(data)
     while offset + _LENGTH.size <= size:
         (length,) = _LENGTH.unpack_from(data, offset)
         end = offset + _LENGTH.size + length
         if end > size:
             break
-        frames.append(bytes(data[offset + _LENGTH.size : end]))
+        frames.append(view[offset + _LENGTH.size : end])
         offset = end
     return frames, offset
 
 
-def decode_header(payload: bytes) -> DeltaHeader:
+def decode_header(payload: memoryview) -> DeltaHeader:
     return _HEADER.decode(payload)
 
 
-def decode_delta(payload: bytes) -> LiveDelta:
+def decode_delta(payload: memoryview) -> LiveDelta:
     return _DELTA.decode(payload)
 
 
