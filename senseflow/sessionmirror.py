@@ -128,30 +128,39 @@ class SessionMirror:
 
     # -- the view -------------------------------------------------------------------------
 
+    @property
+    def buffering(self) -> bool:
+        """The writer's reorder buffer holds events (`view` differs from `confirmed`)."""
+        return self.first_waiting_ns != NOTHING_WAITS or bool(self.waiting)
+
     def view(self) -> SessionState:
         """The published state with the reorder buffer applied: the per-host dicts copied
         (references) and the buffered events applied to copies of the entries they touch,
         so the mirror stays as the writer's."""
+        view = self._copy()
         waiting = self.buffered()
-        if not waiting:
-            return self.confirmed()
+        if waiting:
+            self._overlay(view, waiting)
+        return view
+
+    def confirmed(self, now_ns: int) -> SessionState:
+        """The published state without the reorder buffer, to be swept at `now_ns`: it
+        shares the mirror's dicts (no copy) unless that sweep would change them."""
+        cutoff = now_ns - self.max_idle_ns
+        if any(next(iter(users.values())).last_seen_ns <= cutoff for users in self.hosts.values()):
+            return self._copy()
+        view = SessionState(self.max_idle_ns)
+        view.clock_ns = self.clock_ns
+        view.hosts, view._user_hosts = self.hosts, self.user_hosts
+        view.counters.update(self.counters)
+        view.ended, view.ended_seq = list(self.ended), self.ended_seq
+        return view
+
+    def _copy(self) -> SessionState:
         view = SessionState(self.max_idle_ns)
         view.clock_ns = self.clock_ns
         view.hosts = {host: dict(users) for host, users in self.hosts.items()}
         view._user_hosts = dict(self.user_hosts)
-        view.counters.update(self.counters)
-        view.ended, view.ended_seq = list(self.ended), self.ended_seq
-        self._overlay(view, waiting)
-        return view
-
-    def confirmed(self) -> SessionState:
-        """The published state without the reorder buffer, sharing the mirror's dicts (no
-        copy): a sweep of the view removes from the mirror only users the writer removes
-        too (the end it publishes then finds nothing to remove; a user it kept comes back
-        with the next delta's entry)."""
-        view = SessionState(self.max_idle_ns)
-        view.clock_ns = self.clock_ns
-        view.hosts, view._user_hosts = self.hosts, self.user_hosts
         view.counters.update(self.counters)
         view.ended, view.ended_seq = list(self.ended), self.ended_seq
         return view

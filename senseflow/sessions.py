@@ -131,17 +131,19 @@ class LiveSessionsReader:
         exports, which poll every few seconds): only once the writer has been idle for
         `SETTLED_NS`; while events keep coming it applies them itself within its 2 s
         window, and the view costs no replay of its buffer."""
+        now = time.time_ns() if now_ns is None else now_ns
         with self.lock:
             self._refresh()
             mirror = self._mirror
-            if buffered or time.time_ns() - mirror.published_ns >= SETTLED_NS:
+            settled = time.time_ns() - mirror.published_ns >= SETTLED_NS
+            if mirror.buffering and (buffered or settled):
                 version = self._current()
-                if self._view is None or self._view_of != version:
+                if self._view is None or self._view_of != version:  # one per publish
                     self._view, self._view_of = mirror.view(), version
                 state = self._view
             else:
-                state = mirror.confirmed()
-            state.sweep(time.time_ns() if now_ns is None else now_ns)
+                state = mirror.confirmed(now)
+            state.sweep(now)
             yield state
 
     def version(self) -> tuple[int, int, int] | None:

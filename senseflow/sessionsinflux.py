@@ -59,8 +59,9 @@ log = logging.getLogger("senseflow.sessions")
 
 SOURCE = "user_events"
 ENDED_SECONDS = 5.0
-"""Each check reads (decodes) the writer's latest published state: every second, at
-10,000 events/s, the session exports cost the supervisor ~10 µs per event."""
+"""Each check follows the writer's deltas since the last one (when the whole state was
+decoded every second, at 10,000 events/s, the exports cost the supervisor ~10 µs per
+event)."""
 LINES_PER_POST = 5000
 
 

@@ -158,7 +158,10 @@ def test_deltas_followed_equal_the_whole_published_state(
         ):
             w.add(batch)
             if publish and w.publisher.publish():
-                assert_same(reader, w.whole())
+                later = w.keeper.state.clock_ns + 2 * OPTIONS.max_idle * 10**9
+                with reader.state(later, buffered=False) as exported:  # everyone expired
+                    assert not exported.hosts
+                assert_same(reader, w.whole())  # the export's sweep left the copy alone
                 if index % 7 == 0:
                     assert_same(rare_reader, w.whole())
         w.keeper.flush()
@@ -251,3 +254,29 @@ def test_an_idle_writer_publishes_nothing_and_a_reader_reads_nothing(tmp_path: P
         reader = reader_of(tmp_path)
         first: Any = reader.version()
         assert reader.version() == first
+
+
+def test_exports_skip_the_buffer_while_events_come_and_see_it_once_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exports poll every few seconds: while the writer keeps publishing they take the
+    state as published (no replay of its buffer); once it is idle, the buffer too (it
+    stays unapplied until more events come)."""
+    from senseflow import sessions as reader_module
+
+    with writer(tmp_path) as w:
+        for batch in random_batches(23)[:10]:
+            w.add(batch)
+        w.publisher.publish()
+        assert w.keeper.waiting
+        reader = reader_of(tmp_path)
+        at = w.whole().clock_ns
+        with reader.state(at, buffered=False) as shown:
+            published = SessionState.restore(w.keeper.state.checkpoint())  # a copy
+            published.sweep(at)
+            assert shown.snapshot(at) == published.snapshot(at)
+            assert shown.snapshot(at) != w.whole().snapshot(at)
+        monkeypatch.setattr(reader_module, "SETTLED_NS", 0)
+        assert_same(reader, w.whole())
+        with reader.state(at, buffered=False) as shown:
+            assert shown.snapshot(at) == w.whole().snapshot(at)
