@@ -17,7 +17,7 @@ import operator
 
 import msgspec
 
-from shared.sessiondelta import NOTHING_WAITS, Batch, LiveDelta
+from shared.sessiondelta import NOTHING_WAITS, Batch, ReadDelta, decode_entry
 from shared.sessionlive import LiveSessions
 from shared.sessions import (
     COUNTER_NAMES,
@@ -70,19 +70,35 @@ class SessionMirror:
 
     # -- deltas ---------------------------------------------------------------------------
 
-    def apply(self, delta: LiveDelta) -> None:
-        """The writer's next publish (`delta.seq == self.seq + 1`)."""
-        for end in delta.ended:
-            if end.app_id is None:  # a session ended: the user left that host
-                self._remove(end.host, user_key(end.directory, end.user_id))
+    def apply(self, deltas: list[ReadDelta]) -> None:
+        """The writer's next publishes, in order (the first is `self.seq + 1`). Entries
+        are decoded once per user: the last change of each, in the order of those."""
+        latest: dict[tuple[str, str], msgspec.Raw | None] = {}  # None: the user left
+        for delta in deltas:
+            for end in delta.ended:
+                if end.app_id is None:  # a session ended: the user left that host
+                    where = (end.host, user_key(end.directory, end.user_id))
+                    latest.pop(where, None)
+                    latest[where] = None
+            for host, key, raw in delta.entries:
+                where = (host, key)
+                latest.pop(where, None)
+                latest[where] = raw
+            self._take(delta)
         hosts, user_hosts = self.hosts, self.user_hosts
-        for change in delta.entries:
-            users = hosts.get(change.host)
+        for (host, key), encoded in latest.items():
+            if encoded is None:
+                self._remove(host, key)
+                continue
+            users = hosts.get(host)
             if users is None:
-                users = hosts[change.host] = {}
-            if users.pop(change.key, None) is None:
-                user_hosts[change.key] = user_hosts.get(change.key, 0) + 1
-            users[change.key] = change.entry  # at the end: last-seen order, as the writer's
+                users = hosts[host] = {}
+            if users.pop(key, None) is None:
+                user_hosts[key] = user_hosts.get(key, 0) + 1
+            users[key] = decode_entry(encoded)  # at the end: last-seen order, as the writer's
+
+    def _take(self, delta: ReadDelta) -> None:
+        """Everything of a delta but its entries."""
         self.ended.extend(delta.ended)
         if len(self.ended) >= 2 * ENDED_KEEP:
             del self.ended[:-ENDED_KEEP]

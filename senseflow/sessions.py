@@ -28,7 +28,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from senseflow.httpserver import Request, Response
 from senseflow.sessionmirror import SessionMirror
 from shared.config import Config
-from shared.sessiondelta import DELTA_FILE, DeltaHeader, decode_delta, decode_header, split_frames
+from shared.sessiondelta import (
+    DELTA_FILE,
+    DeltaHeader,
+    ReadDelta,
+    decode_delta,
+    decode_header,
+    split_frames,
+)
 from shared.sessionlive import LIVE_FILE, decode_snapshot
 from shared.sessions import SessionState
 from workers.writer.destinations import destination_names
@@ -181,6 +188,8 @@ class LiveSessionsReader:
         mirror = self._mirror
         if log_file.header.epoch != mirror.epoch or log_file.header.base_seq > mirror.seq:
             return False
+        deltas: list[ReadDelta] = []
+        follows = True
         for payload in log_file.frames():
             try:
                 delta = decode_delta(payload)
@@ -188,13 +197,17 @@ class LiveSessionsReader:
                 log.warning(
                     "sessions: a damaged delta in %s (%s); reading the snapshot", log_file.path, exc
                 )
-                return False
-            if delta.seq <= mirror.seq:
+                follows = False
+                break
+            if delta.seq <= mirror.seq + len(deltas):
                 continue
-            if delta.seq != mirror.seq + 1:
-                return False
-            mirror.apply(delta)
-        return True
+            if delta.seq != mirror.seq + len(deltas) + 1:
+                follows = False
+                break
+            deltas.append(delta)
+        if deltas:
+            mirror.apply(deltas)
+        return follows
 
     def _switch(self) -> None:
         self._drop_log()

@@ -68,9 +68,26 @@ class LiveDelta(msgspec.Struct, array_like=True):
     """`NOTHING_WAITS` when the reorder buffer is empty."""
 
 
+class ReadDelta(msgspec.Struct, array_like=True):
+    """A `LiveDelta` as the reader decodes it: each changed entry left encoded until it
+    knows it is the latest of its user (a reader catching up on several deltas decodes a
+    user who changed in each of them once)."""
+
+    seq: int
+    published_ns: int
+    clock_ns: int
+    counters: dict[str, int]
+    ended: list[Ended]
+    ended_seq: int
+    entries: list[tuple[str, str, msgspec.Raw]]
+    batches: list[Batch]
+    first_waiting_ns: int
+
+
 _ENCODER = msgspec.msgpack.Encoder()
 _HEADER = msgspec.msgpack.Decoder(DeltaHeader)
-_DELTA = msgspec.msgpack.Decoder(LiveDelta)
+_DELTA = msgspec.msgpack.Decoder(ReadDelta)
+_ENTRY = msgspec.msgpack.Decoder(UserEntry)
 
 
 def frame(message: DeltaHeader | LiveDelta) -> bytes:
@@ -96,8 +113,12 @@ def decode_header(payload: memoryview) -> DeltaHeader:
     return _HEADER.decode(payload)
 
 
-def decode_delta(payload: memoryview) -> LiveDelta:
+def decode_delta(payload: memoryview) -> ReadDelta:
     return _DELTA.decode(payload)
+
+
+def decode_entry(raw: msgspec.Raw) -> UserEntry:
+    return _ENTRY.decode(raw)
 
 
 def changed_entries(state: SessionState, since_clock_ns: int) -> list[ChangedEntry]:
