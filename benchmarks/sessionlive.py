@@ -1,11 +1,12 @@
 """The live session view's hand-over, writer -> supervisor: whole state vs deltas.
 
-    python -m benchmarks.sessionlive [--users 10000 100000] [--rate 10000] [--rounds 8]
+    python -m benchmarks.sessionlive [--users 10000 100000] [--active 1000] [--rate 10000]
 
 A real `SessionKeeper` (2 s reorder buffer) holding `--users` users (one session and one
 app connection each, over 4 hosts) takes events at `--rate` per second of event time:
-opens and closes of random held users (so every event changes one entry), in batches of
-500, and publishes every 0.5 s. Per publish, CPU time (`time.thread_time`) of:
+opens and closes of random users (every event changes one entry), among all held or only
+the first `--active` (the users seen within `maxIdle` are held, few are on at once), in
+batches of 500, and publishes every 0.5 s. Per publish, CPU time (`time.thread_time`) of:
 
 - whole (before): the writer's `encode_live` of the state and its reorder buffer +
   atomic write; the supervisor's decode + the buffer applied (what it did per read);
@@ -52,8 +53,11 @@ def batch_of(events: list[SessionEvent]) -> EncodedBatch:
 
 
 class Load:
-    def __init__(self, keeper: SessionKeeper, spool: Spool, users: int, rate: int) -> None:
+    def __init__(
+        self, keeper: SessionKeeper, spool: Spool, users: int, rate: int, active: int
+    ) -> None:
         self.keeper, self.spool, self.users, self.rate = keeper, spool, users, rate
+        self.active = min(active, users) or users
         self.now = T0
         self.rng = random.Random(1)
 
@@ -73,11 +77,11 @@ class Load:
         self.add(events)
 
     def half_second(self) -> int:
-        """0.5 s of events at the rate: an open or close of a random held user each."""
+        """0.5 s of events at the rate: an open or close of a random active user each."""
         count, step = self.rate // 2, 10**9 // self.rate
         events = []
         for _ in range(count):
-            i = self.rng.randrange(self.users)
+            i = self.rng.randrange(self.active)
             action = OPEN if self.rng.random() < 0.5 else CLOSE
             user, host = f"user{i:06d}", HOSTS[i % 4]
             events.append(SessionEvent(self.now, action, host, "LAB", user, "app-2", "App"))
@@ -115,12 +119,12 @@ def whole_costs(keeper: SessionKeeper, path: Path) -> tuple[float, float, int]:
     return thread_ms(publish), thread_ms(read), len(data)
 
 
-def measure(users: int, rate: int, rounds: int) -> dict[str, float]:
+def measure(users: int, rate: int, rounds: int, active: int = 0) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as directory:
         spool = Spool(directory, [CONSUMER])
         keeper = SessionKeeper(SessionOptions(), spool, sync=False)
         publisher = SessionPublisher(keeper)
-        load = Load(keeper, spool, users, rate)
+        load = Load(keeper, spool, users, rate, active)
         load.fill()
         publisher.publish()  # the snapshot at start
         every = LiveSessionsReader(Path(directory) / "sessions.live", keeper.max_idle_ns)
@@ -158,6 +162,9 @@ def main() -> None:
     parser.add_argument("--users", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--rate", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument(
+        "--active", type=int, default=0, help="events touch only this many users (0: all held)"
+    )
     args = parser.parse_args()
     print(
         "| users held | events/publish | whole state MB | writer ms per publish: whole -> delta "
@@ -165,7 +172,7 @@ def main() -> None:
     )
     print("|---:|---:|---:|---|---|")
     for users in args.users:
-        r = measure(users, args.rate, args.rounds)
+        r = measure(users, args.rate, args.rounds, args.active)
         print(
             f"| {users:,} | {r['events']:,.0f} | {r['whole_mb']:.1f} "
             f"| {r['wp']:.1f} -> {r['dp']:.2f} "
