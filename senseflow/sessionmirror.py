@@ -23,7 +23,6 @@ from shared.sessions import (
     COUNTER_NAMES,
     ENDED_KEEP,
     AppEntry,
-    Checkpoint,
     Ended,
     SessionEvent,
     SessionState,
@@ -183,15 +182,14 @@ class SessionMirror:
 
     def _overlay(self, view: SessionState, waiting: list[SessionEvent]) -> None:
         touched = dict.fromkeys((e.host, self._key(e)) for e in waiting)
-        seeded: dict[str, dict[str, UserEntry]] = {}
-        for host, key in touched:
-            entry = self.hosts.get(host, {}).get(key)
+        part = SessionState(self.max_idle_ns)
+        part.clock_ns, part.ended_seq = self.clock_ns, self.ended_seq
+        seeded, seeded_hosts = part.hosts, part._user_hosts
+        for host, key in touched:  # not in last-seen order: each is touched by an event,
+            entry = self.hosts.get(host, {}).get(key)  # which finds it expired if it is
             if entry is not None:
                 seeded.setdefault(host, {})[key] = copy_entry(entry)
-        for host, users in seeded.items():  # last-seen order, which expiry relies on
-            seeded[host] = dict(sorted(users.items(), key=lambda item: item[1].last_seen_ns))
-        saved = Checkpoint(self.max_idle_ns, self.clock_ns, seeded, {}, [], self.ended_seq)
-        part = SessionState.from_checkpoint(saved)
+                seeded_hosts[key] = seeded_hosts.get(key, 0) + 1
         part.apply_all(waiting)
         hosts, user_hosts = view.hosts, view._user_hosts
         for host, key in touched:
