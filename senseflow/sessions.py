@@ -134,8 +134,9 @@ class LiveSessionsReader:
         """The latest published state, idle users swept at `now_ns` (default: now).
 
         `buffered`: with the events still in the writer's reorder buffer applied, so the
-        view follows the events within a publish (`/api/sessions`, Prometheus). False (the
-        exports, which poll every few seconds): only once the writer has been idle for
+        view follows the events within a publish (`/api/sessions`, Prometheus, the InfluxDB
+        snapshots). False (the checks every few seconds: ends, MQTT summaries, the chart):
+        only once the writer has been idle for
         `SETTLED_NS`; while events keep coming it applies them itself within its 2 s
         window, and the view costs no replay of its buffer."""
         now = time.time_ns() if now_ns is None else now_ns

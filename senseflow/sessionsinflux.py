@@ -243,7 +243,7 @@ class SessionSnapshots:
 
     def write(self) -> None:
         now = time.time_ns()
-        with self.reader.state(now, buffered=False) as state:
+        with self.reader.state(now) as state:  # the buffer too: at most one replay per interval
             body = self.snapshot.lines(state.hosts, now)
         try:
             for chunk in chunks(body, LINES_PER_POST):
