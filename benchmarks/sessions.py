@@ -126,14 +126,15 @@ def writer_cpu_per_event(
 
 
 def publish_cost(sessions: int) -> dict[str, float]:
-    """The live view at `sessions` users with a connection each (shared/sessionlive.py):
+    """The live view's whole snapshot at `sessions` users with a connection each
+    (shared/sessionlive.py; the deltas between snapshots: benchmarks/sessionlive.py):
     the writer's encode + write (CPU ms), the file (MB), the supervisor's decode and one
     `/api/sessions` document as JSON (CPU ms: the machine may be shared)."""
     from pathlib import Path
 
     import msgspec
 
-    from shared.sessionlive import decode_live, encode_live, write_atomically
+    from shared.sessionlive import decode_snapshot, encode_live, write_atomically
 
     state = SessionState(DAY_NS)
     for i in range(sessions):
@@ -146,9 +147,9 @@ def publish_cost(sessions: int) -> dict[str, float]:
         data = encode_live(state, [], time.time_ns())
         write_atomically(path, data)
         written = time.thread_time()
-        published = decode_live(path.read_bytes())
+        published = SessionState.from_checkpoint(decode_snapshot(path.read_bytes()).state)
         decoded = time.thread_time()
-        msgspec.json.encode(published.state.snapshot(2 * sessions))
+        msgspec.json.encode(published.snapshot(2 * sessions))
         shown = time.thread_time()
     return {
         "publish_ms": (written - started) * 1000,

@@ -129,7 +129,7 @@ class SessionHistory:
 
     def sample(self, now_ns: int | None = None) -> None:
         now = time.time_ns() if now_ns is None else now_ns
-        with self.reader.state(now) as state:
+        with self.reader.state(now, buffered=False) as state:
             sessions, users, connections = state.totals()
         minute = now // (60 * 10**9)
         with self.lock:

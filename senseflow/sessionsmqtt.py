@@ -32,8 +32,9 @@ from workers.writer.sinks.mqtt import MqttSink, default_client_id
 log = logging.getLogger("senseflow.sessions")
 
 CHECK_SECONDS = 5.0
-"""Each check decodes the writer's latest state and re-applies its reorder buffer: once a
-second, at 10,000 events/s, that cost the supervisor ~10 µs per event (benchmarks.ab)."""
+"""Each check follows the writer's deltas and builds every host's summary (when it decoded
+the whole state and re-applied the reorder buffer once a second, at 10,000 events/s, that
+cost the supervisor ~10 µs per event, benchmarks.ab)."""
 RECHECK_SECONDS = 60.0
 COST_FACTOR = 10
 """The pause after a check is at least this many times what it cost (a tenth of a core)."""
@@ -108,7 +109,7 @@ class SessionSummaries:
         if version == self.seen_version and now < self.recheck_at:
             return {}
         self.seen_version, self.recheck_at = version, now + RECHECK_SECONDS
-        with self.reader.state() as state:
+        with self.reader.state(buffered=False) as state:
             current = {host: summary(host, users) for host, users in state.hosts.items()}
         for host in self.published.keys() - current.keys():
             current[host] = summary(host, {})
@@ -130,7 +131,7 @@ class SessionSummaries:
     async def publish_loop(self, client: aiomqtt.Client) -> None:
         while not self.stopping.is_set():
             started = time.thread_time()
-            changed = self.changed()  # reads (decodes) the state: costly at 100,000 users
+            changed = self.changed()  # summaries of every user: costly at 100,000 users
             spent = time.thread_time() - started
             for host, shown in sorted(changed.items()):
                 payload = json.dumps({**shown, "at": iso_time(self.reader.published_ns)})

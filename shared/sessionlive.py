@@ -7,13 +7,16 @@ a reader sees one version or the next, never half. It holds the state and the ev
 still in the reorder buffer: the reader applies those to its own copy, so what it shows
 lags the events only by the workers' flush and the publish interval, while the writer's
 state keeps its exact receive-time order.
+
+Since the deltas (shared/sessiondelta.py) this file is the snapshot they follow: written
+at the writer's start and whenever the deltas since outweigh it, numbered (`epoch`, `seq`)
+so the reader knows which deltas come after it.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NamedTuple
 
 import msgspec
 
@@ -26,14 +29,24 @@ class LiveSessions(msgspec.Struct, array_like=True):
     published_ns: int
     state: Checkpoint
     waiting: list[SessionEvent]
+    epoch: int = 0
+    """The writer's (0: a snapshot no deltas follow)."""
+    seq: int = 0
+    """The last delta this snapshot includes."""
 
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(LiveSessions)
 
 
-def encode_live(state: SessionState, waiting: list[SessionEvent], now_ns: int) -> bytes:
-    return _ENCODER.encode(LiveSessions(now_ns, state.saved(), waiting))
+def encode_live(
+    state: SessionState, waiting: list[SessionEvent], now_ns: int, epoch: int = 0, seq: int = 0
+) -> bytes:
+    return _ENCODER.encode(LiveSessions(now_ns, state.saved(), waiting, epoch, seq))
+
+
+def decode_snapshot(data: bytes) -> LiveSessions:
+    return _DECODER.decode(data)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -44,19 +57,3 @@ def write_atomically(path: Path, data: bytes) -> None:
     with open(descriptor, "wb") as out:
         out.write(data)
     os.replace(temporary, path)
-
-
-class Published(NamedTuple):
-    state: SessionState
-    """With the waiting events applied."""
-    published_ns: int
-    confirmed_seq: int
-    """Ends numbered below this are the writer's own; the ones the waiting events made
-    here may yet be numbered otherwise (a late batch can still sort before them)."""
-
-
-def decode_live(data: bytes) -> Published:
-    live = _DECODER.decode(data)
-    state = SessionState.from_checkpoint(live.state)
-    state.apply_all(live.waiting)
-    return Published(state, live.published_ns, live.state.ended_seq)

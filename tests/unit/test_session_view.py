@@ -91,11 +91,13 @@ def test_the_writer_publishes_on_change_and_the_reader_sees_events_still_reorder
         assert publisher.publish()  # the state at start, even empty
         assert not publisher.publish()  # nothing changed: nothing written
         written = publisher.path.stat().st_mtime_ns, publisher.path.stat().st_ino
+        deltas = publisher.delta_path.stat().st_size
         spool = keeper.spool
         keeper.add(spool.append(msgspec.msgpack.encode(batch(items)), len(items)), batch(items))
         assert keeper.waiting  # all within the 2 s reorder window: none applied yet
         assert publisher.publish()
-        assert (publisher.path.stat().st_mtime_ns, publisher.path.stat().st_ino) != written
+        assert publisher.delta_path.stat().st_size > deltas  # a delta, not the whole state
+        assert (publisher.path.stat().st_mtime_ns, publisher.path.stat().st_ino) == written
         assert stat.S_IMODE(publisher.path.stat().st_mode) == 0o600  # it names users
     reader = LiveSessionsReader.of(config_in(tmp_path))
     now = time.time_ns()
@@ -207,6 +209,7 @@ def test_a_damaged_live_file_keeps_the_last_state_and_is_logged_once(
     assert before["totals"]["users"] == 3
     (tmp_path / "damaged").write_bytes(b"\x93not a state")
     (tmp_path / "damaged").replace(reader.path)
+    reader.delta_path.unlink()  # as after a restart whose snapshot is damaged
     assert document_without_at(reader.document()) == before
     assert document_without_at(reader.document()) == before
     assert caplog.text.count("cannot read") == 1

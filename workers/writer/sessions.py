@@ -21,6 +21,7 @@ import itertools
 import logging
 import operator
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -66,6 +67,9 @@ class SessionKeeper:
         self.generation = 0
         """Moves with every batch of session events: the publisher writes only then."""
         self._latest_ns = 0
+        self.on_added: Callable[[int, bytes], None] | None = None
+        """Told of every batch of session events once applied as far as it can be (its
+        latest event time, its events as spooled): the live view's publisher."""
 
     # -- start: checkpoint, then the spool after it -------------------------------------------
 
@@ -125,6 +129,8 @@ class SessionKeeper:
         self._merge(events)
         self._latest_ns = max(self._latest_ns, events[-1].time_ns)
         self._apply_until(self._latest_ns - self.reorder_ns)
+        if self.on_added is not None:
+            self.on_added(events[-1].time_ns, batch.sessions)
 
     def _merge(self, events: list[SessionEvent]) -> None:
         """Into the waiting events, in time order; only the overlap is touched, and equal
