@@ -338,13 +338,35 @@ class MqttSink:
     async def write_batch(self, batch: EncodedBatch, seq: int = -1) -> None:
         messages = self._messages(batch)
         if not messages:
-            # Every topic of these events is disabled: done, and counted as the events of a
-            # batch with something to publish are (else written.mqtt depends on batching).
-            self.on_ack([Ack(seq, len(batch.mqtt_payloads), 0, batch.received_ns)])
+            self._nothing_to_publish(batch, seq)
             return
         while self.outstanding >= self.max_pending:
             self.room.clear()
             await self.room.wait()
+        self._publish(batch, seq, messages)
+        if self._buffer_full():
+            assert self.writer is not None
+            with contextlib.suppress(OSError):  # the connection loop notices and reconnects
+                await self.writer.drain()
+
+    def offer(self, batch: EncodedBatch, seq: int = -1) -> bool:
+        """`write_batch` if it would not wait (the writer's hand-over as it spools): the
+        batch's PUBLISH packets are written to the connection at once."""
+        if self.outstanding >= self.max_pending or self._buffer_full():
+            return False
+        messages = self._messages(batch)
+        if messages:
+            self._publish(batch, seq, messages)
+        else:
+            self._nothing_to_publish(batch, seq)
+        return True
+
+    def _nothing_to_publish(self, batch: EncodedBatch, seq: int) -> None:
+        """Every topic of these events is disabled: done, and counted as the events of a
+        batch with something to publish are (else written.mqtt depends on batching)."""
+        self.on_ack([Ack(seq, len(batch.mqtt_payloads), 0, batch.received_ns)])
+
+    def _publish(self, batch: EncodedBatch, seq: int, messages: list[Message]) -> None:
         self.batches[self.next_batch] = BatchState(
             len(messages), len(batch.mqtt_payloads), batch.received_ns, seq
         )
@@ -353,10 +375,10 @@ class MqttSink:
         self.idle.clear()
         self.backlog.extend(messages)
         self._refill()
+
+    def _buffer_full(self) -> bool:
         writer = self.writer
-        if writer is not None and writer.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
-            with contextlib.suppress(OSError):  # the connection loop notices and reconnects
-                await writer.drain()
+        return writer is not None and writer.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT
 
     def _messages(self, batch: EncodedBatch) -> list[Message]:
         seq = self.next_batch
