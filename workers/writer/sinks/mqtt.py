@@ -248,6 +248,17 @@ class MqttSink:
             self._handle(packets)
 
     def _handle(self, packets: list[tuple[int, int]]) -> None:
+        finished: list[Ack] = []  # acknowledged to the feed at once: one count, one cursor move
+        try:
+            releases = self._scan_acks(packets, finished)
+        finally:  # a protocol error after some acks: those are delivered all the same
+            self._finish(finished)
+        if releases and self.writer is not None:
+            self.writer.write(b"".join(releases))
+        self._refill()
+
+    def _scan_acks(self, packets: list[tuple[int, int]], finished: list[Ack]) -> list[bytes]:
+        """Settle the acknowledgements read; returns the PUBRELs to send (QoS 2)."""
         releases = []
         final = proto.PUBCOMP if self.qos == 2 else proto.PUBACK
         for kind, packet_id in packets:
@@ -257,16 +268,14 @@ class MqttSink:
                 self.released.discard(packet_id)
                 message = self.inflight.pop(packet_id, None)
                 if message is not None:
-                    self._acknowledged(message)
+                    self._acknowledged(message, finished)
             elif kind == proto.PUBREC and self.qos == 2:
                 if packet_id in self.inflight:
                     self.released.add(packet_id)
                 releases.append(proto.pubrel_packet(packet_id))
             elif kind != proto.PINGRESP:
                 raise proto.ProtocolError(f"packet type 0x{kind:02x} at QoS {self.qos}")
-        if releases and self.writer is not None:
-            self.writer.write(b"".join(releases))
-        self._refill()
+        return releases
 
     async def _keepalive_loop(self) -> None:
         while True:
@@ -413,8 +422,11 @@ class MqttSink:
                 packets.append(message.header.packet(0, message.payload))
                 sent.append(message)
         self.writer.write(b"".join(packets))
-        for message in sent:  # QoS 0: handed to the connection is all there is
-            self._acknowledged(message)
+        if sent:  # QoS 0: handed to the connection is all there is
+            finished: list[Ack] = []
+            for message in sent:
+                self._acknowledged(message, finished)
+            self._finish(finished)
 
     def _take_packet_id(self) -> int:
         packet_id = self.next_id
@@ -423,13 +435,20 @@ class MqttSink:
         self.next_id = packet_id % MAX_PACKET_ID + 1
         return packet_id
 
-    def _acknowledged(self, message: Message) -> None:
+    def _acknowledged(self, message: Message, finished: list[Ack]) -> None:
+        """One message acknowledged; its batch goes to `finished` once all of them are."""
         state = self.batches[message.batch]
         state.remaining -= 1
         self.outstanding -= 1
         if state.remaining == 0:
             del self.batches[message.batch]
-            self.on_ack([Ack(state.seq, state.events, 0, state.received_ns)])
+            finished.append(Ack(state.seq, state.events, 0, state.received_ns))
+
+    def _finish(self, finished: list[Ack]) -> None:
+        """After messages were acknowledged: tell the feed which batches are done, and
+        whoever waits for room or for everything to be acknowledged."""
+        if finished:
+            self.on_ack(finished)
         self.room.set()
         if not self.outstanding:
             self.idle.set()
