@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from shared.events import ENCODED_DECODER, EncodedBatch
 from tests.unit.test_crash_counting import batch
 from tests.unit.test_spool_home_and_crash_loop import influx_config, make_writer
 from workers.writer.process import Writer
@@ -69,6 +70,36 @@ def test_a_sink_without_room_gets_the_rest_in_spool_order(tmp_path: Path) -> Non
             while sink.chunks.current.seqs != [0, 1, 2]:
                 await asyncio.sleep(0)
         assert sink.chunks.pending == 12
+        task.cancel()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        assert writer.spool is not None
+        writer.spool.close()
+        for channel in channels:
+            channel.close()  # type: ignore[attr-defined]
+
+
+def test_a_backlog_is_handed_over_one_batch_per_turn(tmp_path: Path) -> None:
+    """Replay or catch-up: the feed's task yields after each batch, so the channel and the
+    other sinks (MQTT) are served between two, however long the backlog."""
+    writer, channels = started_writer(tmp_path)
+    sink = influx_sink(writer)
+    feed = writer.feeds[0]
+    for number in range(5):  # spooled while the sink could not take them
+        item = batch(0, number, 2)
+        decoded = ENCODED_DECODER.decode(item)
+        assert isinstance(decoded, EncodedBatch)
+        writer.spool_batch(item, decoded)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(feed.run())
+        await asyncio.sleep(0)  # one turn of the feed's task
+        assert sink.chunks.current.seqs == [0]
+        async with asyncio.timeout(10):
+            while sink.chunks.current.seqs != [0, 1, 2, 3, 4]:
+                await asyncio.sleep(0)
         task.cancel()
 
     try:

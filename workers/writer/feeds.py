@@ -147,6 +147,10 @@ class Feed:
                 await self.sink.write_batch(batch, seq)
             finally:
                 self.handing = False
+            # A backlog (replay, catch-up after an outage) goes over batch by batch: the
+            # channel and the other sinks get their turn between two (a batch read back
+            # from disk costs a read, a checksum and a decode).
+            await asyncio.sleep(0)
 
     def offer(self, seq: int, batch: EncodedBatch) -> bool:
         """Hand the batch just spooled as `seq` to the sink at once, without a turn of the
