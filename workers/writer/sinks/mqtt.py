@@ -408,7 +408,7 @@ class MqttSink:
         """
         if not self.connected or self.writer is None or not self.backlog:
             return
-        packets = []
+        packets = bytearray()  # one buffer for all: written once, never changed after
         sent = []
         backlog, inflight = self.backlog, self.inflight
         while backlog and len(inflight) < self.window:
@@ -416,12 +416,12 @@ class MqttSink:
             if self.qos:
                 packet_id = self._take_packet_id()
                 inflight[packet_id] = message
-                packets.append(message.header.packet(packet_id, message.payload, dup > 0))
+                message.header.append_packet(packets, packet_id, message.payload, dup > 0)
                 dup -= 1
             else:
-                packets.append(message.header.packet(0, message.payload))
+                message.header.append_packet(packets, 0, message.payload)
                 sent.append(message)
-        self.writer.write(b"".join(packets))
+        self.writer.write(packets)
         if sent:  # QoS 0: handed to the connection is all there is
             finished: list[Ack] = []
             for message in sent:
