@@ -260,9 +260,9 @@ class Writer:
                     continue
                 if taken == STOPPED:
                     return
-                if taken:
+                if taken == TAKE_AT_ONCE:
                     await asyncio.sleep(0)  # more may wait: the others' turn first
-                else:
+                else:  # the channel was found empty
                     await self.input_or_wake_up()
         finally:
             self.loop.remove_reader(channel.fileno())
