@@ -99,10 +99,17 @@ def check_origin(service: Service, tree: Path) -> None:
         raise RuntimeError(f"pid {pid} runs in {cwd} with PYTHONPATH={pythonpath!r}")
 
 
-def tree_service(bench: Bench, tree: Path, workers: int) -> RunningService:
+def tree_service(
+    bench: Bench,
+    tree: Path,
+    workers: int,
+    mode: str = MODE,
+    pipeline: dict[str, Any] | None = None,
+) -> RunningService:
     """`benchmarks.endtoend.RunningService` (InfluxDB + MQTT, its own database, spool and
-    subscriber) whose `senseflow run` comes from `tree`."""
-    running = RunningService(bench, MODE, workers, tree=tree)
+    subscriber; `mode` "influx": InfluxDB only) whose `senseflow run` comes from `tree`;
+    `pipeline`: `senseflow:` settings for both trees."""
+    running = RunningService(bench, mode, workers, tree=tree, pipeline=pipeline)
     try:
         check_origin(running.service, tree)
     except BaseException:
@@ -134,7 +141,7 @@ def trial_record(tree: Tree, rate: float, repeat: int, order: int, trial: Trial)
         "influx": trial.influx,
         "mqtt": trial.mqtt,
         "influx_missing": max(0, sent - trial.influx),
-        "mqtt_missing": max(0, sent - (trial.mqtt or 0)),
+        "mqtt_missing": 0 if trial.mqtt is None else max(0, sent - trial.mqtt),
         "mqtt_duplicates": trial.mqtt_duplicates,
         "written": trial.written,
         "dropped": {k: v for k, v in trial.dropped.items() if v},
@@ -165,7 +172,7 @@ def describe(record: dict[str, Any]) -> str:
     return (
         f"{record['tree']:>3} {record['rate']:>7,.0f}/s #{record['repeat']}: "
         f"sent {record['sent']:,} ({record['achieved_rate']:,.0f}/s), "
-        f"influx {record['influx']:,} mqtt {record['mqtt']:,}, "
+        f"influx {record['influx']:,} mqtt {record['mqtt'] or 0:,}, "
         f"drain {record['drain_seconds']} s, "
         f"cpu {record['cpu_us_per_event']} µs/event (writer {record['writer_us_per_event']}), "
         f"machine {record['machine'].get('busy_pct')} % busy{loss}"
@@ -179,6 +186,8 @@ def run_rate(
     repeats: int,
     workers: int,
     warmup: float,
+    mode: str = MODE,
+    pipeline: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Both trees' services up, a warm-up trial each, then `repeats` trials each,
     alternating which tree goes first (ABBA)."""
@@ -186,7 +195,7 @@ def run_rate(
     with ExitStack() as stack:
         services: dict[str, RunningService] = {}
         for tree in trees:
-            service = tree_service(bench, tree.path, workers)
+            service = tree_service(bench, tree.path, workers, mode, pipeline)
             stack.callback(service.close)
             services[tree.label] = service
             log(
@@ -308,6 +317,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drain-limit", type=float, default=5.0, help="steady if drained by")
     parser.add_argument("--pool", type=int, default=50_000, help="corpus size (datagrams)")
     parser.add_argument("--json", type=Path, help="write every trial and the summary here")
+    parser.add_argument(
+        "--mode", choices=("influx+mqtt", "influx"), default=MODE, help="destinations"
+    )
+    parser.add_argument(
+        "--pipeline",
+        type=orjson.loads,
+        default=None,
+        help='`senseflow:` settings for both trees (JSON): \'{"sessions": {"enable": false}}\'',
+    )
     return parser.parse_args(argv)
 
 
@@ -319,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.ab", *sys.argv[1:]]),
         "trees": {t.label: str(t.path) for t in trees},
-        "mode": MODE,
+        "mode": args.mode,
+        "pipeline": args.pipeline,
         "workers": args.workers,
         "duration_s": args.duration,
         "repeats": args.repeats,
@@ -336,7 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         pool = make_corpus(args.pool, seed=1)
         bench = Bench(workdir, influx, broker, pool, args.duration, args.drain_limit)
         for rate in args.rates:
-            records += run_rate(bench, trees, rate, args.repeats, args.workers, args.warmup)
+            records += run_rate(
+                bench, trees, rate, args.repeats, args.workers, args.warmup,
+                args.mode, args.pipeline,
+            )  # fmt: skip
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     rows = summarize(records, trees)
     table = markdown(rows, trees)

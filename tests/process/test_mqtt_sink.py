@@ -318,6 +318,35 @@ def test_a_small_window_keeps_order_and_bounds_what_is_in_flight(
     assert counters.snapshot() == {"written.mqtt": 200}
 
 
+def test_offer_publishes_at_once_and_declines_only_without_room(
+    mosquitto_server: MosquittoServer, subscriber: Subscriber, prefix: str
+) -> None:
+    """The writer's hand-over (issue 15): `offer` puts a batch's PUBLISH packets on the
+    connection without any wait; with `maxPending` messages outstanding it declines, and
+    the batch goes through `write_batch` once acknowledgements make room, in order."""
+    first, second = make_events(0, 5), make_events(5, 5)  # 10 messages each
+    counters = Counters()
+
+    async def scenario() -> list[tuple[str, bytes]]:
+        config = mqtt_config(mosquitto_server, prefix, 1, maxInflight=10, maxPending=10)
+        sink = MqttSink(config, counters)
+        await sink.start()
+        try:
+            assert sink.offer(make_batch(first))
+            assert len(sink.inflight) == 10  # written before any await
+            assert not sink.offer(make_batch(second))  # no room: nothing of it taken
+            assert sink.outstanding == 10
+            await asyncio.wait_for(sink.write_batch(make_batch(second)), WAIT)
+            await asyncio.wait_for(sink.flush(), WAIT)
+        finally:
+            await sink.close()
+        return await subscriber.received(20)
+
+    received = asyncio.run(scenario())
+    assert by_topic(received) == expected_messages(prefix, first + second)
+    assert counters.snapshot() == {"written.mqtt": 10}
+
+
 # -- connecting ------------------------------------------------------------------------------
 
 

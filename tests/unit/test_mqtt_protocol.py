@@ -283,3 +283,20 @@ def test_pubacks_chopped_anywhere_are_recovered_exactly(ids: list[int], cuts: li
         assert len(buffer) < 4
     assert found == [(0x40, i) for i in ids]
     assert buffer == b""
+
+
+@pytest.mark.parametrize("size", [0, 1, 120, 121, 122, 16375, 16376, 16377, 20000, 2_097_200])
+def test_packets_built_into_one_buffer_carry_exact_lengths(size: int) -> None:
+    """`append_packet` writes the remaining length inline for 1 and 2 bytes (the common
+    sizes) and through `remaining_length` beyond; every boundary decodes back exactly."""
+    header = proto.TopicHeader("a/b", 1)  # topic field 5 bytes + packet id 2
+    payload = b"p" * size
+    out = bytearray(b"before")
+    header.append_packet(out, 0x0102, payload)
+    header.append_packet(out, 0x0304, b"q", dup=True)
+    packet = bytes(out[len(b"before") :])
+    length, used = decode_remaining_length(packet[1:])
+    assert packet[0] == 0x32 and length == 7 + size
+    end = 1 + used + length
+    assert packet[1 + used : end] == b"\x00\x03a/b\x01\x02" + payload
+    assert packet[end:] == b"\x3a\x08\x00\x03a/b\x03\x04q"

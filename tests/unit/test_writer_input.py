@@ -88,3 +88,33 @@ def test_a_batch_arriving_while_idle_is_taken(tmp_path: Path) -> None:
         writer.spool.close()
         for channel in channels:
             channel.close()
+
+
+def test_batches_waiting_in_the_channel_are_taken_in_one_turn(tmp_path: Path) -> None:
+    """At moderate rates every batch used to cost the writer a turn of its loop of its own
+    (and an epoll registration); now what waits is spooled and handed over at once, up
+    to TAKE_AT_ONCE batches, before any other task runs."""
+    writer, channels = make_writer(influx_config("db", spool=str(tmp_path / "spool")))
+    assert writer.open_spool()
+    writer.count_spool_at_start()
+    for number in range(3):
+        writer.channels.encoded.send(batch(0, number, 5))
+    spooled_at_first_turn: list[int] = []
+
+    async def scenario() -> None:
+        consuming = asyncio.create_task(writer.consume())
+        await asyncio.sleep(0)  # one turn: consume() has run up to its first wait
+        assert writer.spool is not None
+        spooled_at_first_turn.append(writer.spool.next_seq)
+        writer.channels.encoded.send(STOP)
+        await asyncio.wait_for(consuming, WAIT)
+
+    try:
+        asyncio.run(scenario())
+        assert spooled_at_first_turn == [3]
+        assert writer.counters.visible() == {"events": 15}
+    finally:
+        assert writer.spool is not None
+        writer.spool.close()
+        for channel in channels:
+            channel.close()

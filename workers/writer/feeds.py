@@ -52,6 +52,8 @@ class BatchCache:
 
 Delivered = Callable[[str, Sequence[int]], None]
 """Told the receive times of the events a destination delivered (the latency histogram)."""
+TakeNow = Callable[[EncodedBatch, int], bool]
+"""A sink's `offer(batch, seq)`: takes the batch if it can without waiting (True)."""
 
 
 class Feed:
@@ -75,6 +77,8 @@ class Feed:
         self.next = spool.cursors[self.name]
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
+        self.handing = False  # run() waits for the sink to take a batch
+        self.take_now: TakeNow | None = getattr(self.sink, "offer", None)
         # Records given up while the sink had them: {seq: events}, counted at their ack;
         # their events are in the block's `_limbo.<destination>` until then.
         self.handed_then_dropped: dict[int, int] = {}
@@ -138,7 +142,26 @@ class Feed:
             if batch is None:  # damaged on disk: counted, passed over
                 self.acknowledged([Ack(seq, 0, 0)])
                 continue
-            await self.sink.write_batch(batch, seq)
+            self.handing = True
+            try:
+                await self.sink.write_batch(batch, seq)
+            finally:
+                self.handing = False
+            # A backlog (replay, catch-up after an outage) goes over batch by batch: the
+            # channel and the other sinks get their turn between two (a batch read back
+            # from disk costs a read, a checksum and a decode).
+            await asyncio.sleep(0)
+
+    def offer(self, seq: int, batch: EncodedBatch) -> bool:
+        """Hand the batch just spooled as `seq` to the sink at once, without a turn of the
+        feed's task, if everything before it is handed over and the sink takes it without
+        waiting (its `offer`). False: the feed's task hands it over, in order."""
+        if self.take_now is None or self.handing:
+            return False
+        if max(self.next, self.spool.cursors[self.name]) != seq or not self.take_now(batch, seq):
+            return False
+        self.next = seq + 1
+        return True
 
     def _next_pending(self) -> int | None:
         seq = max(self.next, self.spool.cursors[self.name])

@@ -32,7 +32,14 @@ from shared.counternames import SPOOLED
 from shared.counters import SharedCounters, beat
 from shared.delivery import make_tracker
 from shared.events import ENCODED_DECODER, EncodedBatch, Fence
-from shared.ipc import REPORT_INTERVAL, STOP, Channels, report, start_parent_watch
+from shared.ipc import (
+    REPORT_INTERVAL,
+    STOP,
+    Channels,
+    MessageChannel,
+    report,
+    start_parent_watch,
+)
 from shared.logs import RateLimitedLog, setup_logging
 from shared.tasks import cancel_all, spawn
 from workers.writer.destinations import enabled_destinations
@@ -49,6 +56,9 @@ log = logging.getLogger("senseflow.writer")
 NAME = "writer"
 DRAIN_TIMEOUT = 60.0
 SESSION_CHECKPOINT_SECONDS = 5.0
+TAKE_AT_ONCE = 16
+"""Batches the writer takes from its channel before the loop's other tasks get a turn."""
+STOPPED = -1
 
 
 def run(config: Config, channels: Channels, parent_pid: int, block: object) -> int:
@@ -234,34 +244,52 @@ class Writer:
         return True
 
     async def consume(self) -> None:
+        """Take what the channel holds, up to `TAKE_AT_ONCE` batches per turn of the loop
+        (the sinks got each one as it was spooled; the loop's other tasks run between two
+        turns), then wait for more. The channel stays registered with the loop while we
+        consume: no epoll registration per batch."""
         self.loop = asyncio.get_running_loop()
         channel = self.channels.encoded
-        while not self.orphan and self.failure is None:
+        self.loop.add_reader(channel.fileno(), self.wake_up)
+        try:
+            while not self.orphan and self.failure is None:
+                try:
+                    taken = self.take_ready(channel)
+                except SpoolWriteError as exc:  # the batch stays in the channel: taken again
+                    await self.wait_for_disk(exc, channel.fileno())
+                    continue
+                if taken == STOPPED:
+                    return
+                if taken == TAKE_AT_ONCE:
+                    await asyncio.sleep(0)  # more may wait: the others' turn first
+                else:  # the channel was found empty
+                    await self.input_or_wake_up()
+        finally:
+            self.loop.remove_reader(channel.fileno())
+
+    def take_ready(self, channel: MessageChannel) -> int:
+        """Spool, count and hand over the batches waiting, up to `TAKE_AT_ONCE`: how many
+        (0: none waited), or STOPPED. A SpoolWriteError leaves its batch in the channel."""
+        for taken in range(TAKE_AT_ONCE):
             item = channel.peek(0)
             if item is None:
-                await self.input_or_wake_up(channel.fileno())
-                continue
-            await asyncio.sleep(0)  # the feeds and sinks run between two batches
+                return taken
             if item != STOP:
-                try:
-                    self.take(item)
-                except SpoolWriteError as exc:
-                    await self.wait_for_disk(exc)
-                    continue  # the batch stays in the channel: taken again
+                self.take(item)
                 self.disk_backoff.reset()
             channel.discard_next()  # only now: spooled and counted
             if item == STOP:
-                return
+                return STOPPED
+        return TAKE_AT_ONCE
 
-    async def input_or_wake_up(self, channel: int) -> None:
-        """Until the channel (its fileno) holds a message, or `wake_up()`: no polling."""
+    async def input_or_wake_up(self) -> None:
+        """Until the channel holds a message (its reader calls `wake_up()`), an orphan or
+        a failure: no polling."""
         loop = asyncio.get_running_loop()
         self.woken = woken = loop.create_future()
-        loop.add_reader(channel, self.wake_up)
         try:
             await woken
         finally:
-            loop.remove_reader(channel)
             self.woken = None
 
     def wake_up(self) -> None:
@@ -269,15 +297,21 @@ class Writer:
         if self.woken is not None and not self.woken.done():
             self.woken.set_result(None)
 
-    async def wait_for_disk(self, error: SpoolWriteError) -> None:
+    async def wait_for_disk(self, error: SpoolWriteError, channel: int) -> None:
         """The spool could not append (disk full...): count, say so, retry later; the
-        channel holds the batch meanwhile and, once full, readers count what they drop."""
+        channel holds the batch meanwhile and, once full, readers count what they drop.
+        Its reader is off meanwhile: the batch waiting would wake the loop at every turn."""
         self.counters.commit({names.SPOOL_WRITE_ERRORS: 1})
         first = self.disk_backoff.attempt == 0
         delay = self.disk_backoff.next_delay()
         message = "cannot append to the spool: %s; retrying in %.1f s"
         (log.error if first else self.drop_log.warning)(message, error, delay)
-        await asyncio.sleep(delay)
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(channel)
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            loop.add_reader(channel, self.wake_up)
 
     def take(self, item: bytes) -> None:
         batch = ENCODED_DECODER.decode(item)
@@ -287,12 +321,15 @@ class Writer:
         if batch.worker >= 0 and self.counters.get(names.seen(batch.worker)) > batch.number:
             return  # spooled and counted before a restart of this writer
         sets = self.seen(batch)
+        seq = -1
         if batch.received_ns:
             seq = self.spool_batch(item, batch)  # first: it may fail, to be retried
             self.delivery.accept(len(batch.received_ns))
             sets[SPOOLED] = seq + 1
         self.counters.commit(batch.counters, sets)
         self.enforce_spool_limit()
+        if seq >= 0:
+            self.hand_over(seq, batch)
 
     @staticmethod
     def seen(batch: EncodedBatch) -> dict[str, int]:
@@ -326,9 +363,15 @@ class Writer:
         if self.sessions is not None:
             self.sessions.add(seq, batch)
         self.cache.put(seq, batch)
-        for feed in self.feeds:
-            feed.wake.set()
         return seq
+
+    def hand_over(self, seq: int, batch: EncodedBatch) -> None:
+        """Spooled and counted: every sink gets the batch in this same turn of the loop (an
+        MQTT publish leaves now, behind no other task) when its feed has handed over all
+        before it and the sink has room; else the feed's own task hands it over."""
+        for feed in self.feeds:
+            if not feed.offer(seq, batch):
+                feed.wake.set()
 
     def enforce_spool_limit(self) -> None:
         assert self.spool is not None

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import io
 import itertools
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -41,16 +41,15 @@ from workers.writer.segments import (
     encode_record,
     fsync_directory,
     open_safely,
-    read_file,
     record_crc,
     write_all,
 )
+from workers.writer.spoolcursors import CURSORS, CursorFile
 from workers.writer.spooldir import prepare_directory
 from workers.writer.spoolrecovery import SEGMENT_PREFIX, Location, Recovery, check_destinations
 
 log = logging.getLogger("senseflow.spool")
 
-CURSORS = "cursors.json"
 FsyncPolicy = Literal["never", "interval", "always"]
 
 
@@ -111,6 +110,7 @@ class Spool:
         self._out_header = 0  # bytes of its file header: `segment_bytes` counts records
         self._dirty = False
         self._cursors_dirty = False
+        self._cursor_file = CursorFile(self.directory, fsync != "never")
         self.on_change: Callable[[], None] = _unchanged  # told when sync() has work
         self._moved = False  # cursors moved in memory, not yet persisted
         self._doomed: list[int] = []  # segments given up, their files not yet deleted
@@ -218,13 +218,37 @@ class Spool:
         return out
 
     def sync(self) -> None:
-        """fsync what was appended and save the cursors (called on a timer)."""
+        """fsync what was appended and save the cursors."""
+        job = self.sync_job()
+        if job is not None:
+            job()
+
+    def sync_job(self) -> Callable[[], None] | None:
+        """What `sync()` does, to be run in another thread (workers/writer/spoolsync.py) so
+        that a slow disk holds up no delivery: fsync a duplicate of the segment's
+        descriptor (a rotation may close it meanwhile) and save the cursors as they are
+        now. None when there is nothing to do."""
+        fd = -1
         if self._out is not None and self._dirty:
-            if self.fsync != "never":
-                os.fsync(self._out.fileno())
             self._dirty = False
+            if self.fsync != "never":
+                fd = os.dup(self._out.fileno())
+        snapshot = None
         if self._cursors_dirty:
-            self._write_cursors()
+            self._cursors_dirty = False
+            snapshot = self._cursor_file.snapshot(self.cursors)
+        if fd < 0 and snapshot is None:
+            return None
+        return functools.partial(self._sync_files, fd, snapshot)
+
+    def _sync_files(self, fd: int, snapshot: tuple[int, bytes] | None) -> None:
+        if fd >= 0:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if snapshot is not None:
+            self._cursor_file.save(snapshot)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -388,28 +412,11 @@ class Spool:
         return min(self.segments, default=self.next_seq)
 
     def _write_cursors(self) -> None:
-        """Write, fsync, rename, fsync the directory: after a power loss the file is the
-        old one or the new one, never empty (policy `never`: no fsync)."""
         self._cursors_dirty = False
-        temporary = self.directory / (CURSORS + ".tmp")
-        temporary.unlink(missing_ok=True)  # a link planted there is removed, not followed
-        fd = open_safely(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        with os.fdopen(fd, "wb") as file:
-            file.write(json.dumps(self.cursors).encode())
-            file.flush()
-            if self.fsync != "never":
-                os.fsync(file.fileno())
-        os.replace(temporary, self.directory / CURSORS)
-        if self.fsync != "never":
-            fsync_directory(self.directory)
+        self._cursor_file.save(self._cursor_file.snapshot(self.cursors))
 
     def _read_cursors(self) -> dict[str, int] | None:
-        """None when missing, empty or unreadable."""
-        try:
-            saved = json.loads(read_file(self.directory / CURSORS))
-            return {str(k): int(v) for k, v in saved.items()}
-        except (OSError, ValueError, TypeError, AttributeError):
-            return None
+        return self._cursor_file.read()
 
     def close(self) -> None:
         self.persist()

@@ -1,5 +1,7 @@
 """The spool's fsync timer (policy `interval`), which also saves the cursors: it runs only
-while the spool changes, so that a writer without traffic does not wake up for nothing."""
+while the spool changes, so that a writer without traffic does not wake up for nothing.
+The fsync and the cursor file's write, rename and fsyncs run in a thread: a slow disk
+(seconds on a loaded machine) holds up neither the channel nor any sink's deliveries."""
 
 from __future__ import annotations
 
@@ -21,4 +23,6 @@ async def sync_while_changing(spool: Spool, interval: float, sleep: Sleep = asyn
         await changed.wait()
         changed.clear()
         await sleep(interval)
-        spool.sync()
+        job = spool.sync_job()
+        if job is not None:
+            await asyncio.to_thread(job)

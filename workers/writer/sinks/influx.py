@@ -302,10 +302,23 @@ class InfluxSink:
         if not batch.received_ns:
             self.on_ack([Ack(seq, 0, 0)])
             return
-        chunks = self.chunks
-        while chunks.pending >= self.max_pending:
+        while self.chunks.pending >= self.max_pending:
             self.room.clear()
             await self.room.wait()
+        self._add(batch, seq)
+
+    def offer(self, batch: EncodedBatch, seq: int = -1) -> bool:
+        """`write_batch` if it would not wait (the writer's hand-over as it spools)."""
+        if batch.received_ns and self.chunks.pending >= self.max_pending:
+            return False
+        if not batch.received_ns:
+            self.on_ack([Ack(seq, 0, 0)])
+        else:
+            self._add(batch, seq)
+        return True
+
+    def _add(self, batch: EncodedBatch, seq: int) -> None:
+        chunks = self.chunks
         current = chunks.current
         if not current.count:
             chunks.wake.set()  # a free sender takes it at once (it holds what follows too)

@@ -248,6 +248,17 @@ class MqttSink:
             self._handle(packets)
 
     def _handle(self, packets: list[tuple[int, int]]) -> None:
+        finished: list[Ack] = []  # acknowledged to the feed at once: one count, one cursor move
+        try:
+            releases = self._scan_acks(packets, finished)
+        finally:  # a protocol error after some acks: those are delivered all the same
+            self._finish(finished)
+        if releases and self.writer is not None:
+            self.writer.write(b"".join(releases))
+        self._refill()
+
+    def _scan_acks(self, packets: list[tuple[int, int]], finished: list[Ack]) -> list[bytes]:
+        """Settle the acknowledgements read; returns the PUBRELs to send (QoS 2)."""
         releases = []
         final = proto.PUBCOMP if self.qos == 2 else proto.PUBACK
         for kind, packet_id in packets:
@@ -257,16 +268,14 @@ class MqttSink:
                 self.released.discard(packet_id)
                 message = self.inflight.pop(packet_id, None)
                 if message is not None:
-                    self._acknowledged(message)
+                    self._acknowledged(message, finished)
             elif kind == proto.PUBREC and self.qos == 2:
                 if packet_id in self.inflight:
                     self.released.add(packet_id)
                 releases.append(proto.pubrel_packet(packet_id))
             elif kind != proto.PINGRESP:
                 raise proto.ProtocolError(f"packet type 0x{kind:02x} at QoS {self.qos}")
-        if releases and self.writer is not None:
-            self.writer.write(b"".join(releases))
-        self._refill()
+        return releases
 
     async def _keepalive_loop(self) -> None:
         while True:
@@ -338,13 +347,35 @@ class MqttSink:
     async def write_batch(self, batch: EncodedBatch, seq: int = -1) -> None:
         messages = self._messages(batch)
         if not messages:
-            # Every topic of these events is disabled: done, and counted as the events of a
-            # batch with something to publish are (else written.mqtt depends on batching).
-            self.on_ack([Ack(seq, len(batch.mqtt_payloads), 0, batch.received_ns)])
+            self._nothing_to_publish(batch, seq)
             return
         while self.outstanding >= self.max_pending:
             self.room.clear()
             await self.room.wait()
+        self._publish(batch, seq, messages)
+        if self._buffer_full():
+            assert self.writer is not None
+            with contextlib.suppress(OSError):  # the connection loop notices and reconnects
+                await self.writer.drain()
+
+    def offer(self, batch: EncodedBatch, seq: int = -1) -> bool:
+        """`write_batch` if it would not wait (the writer's hand-over as it spools): the
+        batch's PUBLISH packets are written to the connection at once."""
+        if self.outstanding >= self.max_pending or self._buffer_full():
+            return False
+        messages = self._messages(batch)
+        if messages:
+            self._publish(batch, seq, messages)
+        else:
+            self._nothing_to_publish(batch, seq)
+        return True
+
+    def _nothing_to_publish(self, batch: EncodedBatch, seq: int) -> None:
+        """Every topic of these events is disabled: done, and counted as the events of a
+        batch with something to publish are (else written.mqtt depends on batching)."""
+        self.on_ack([Ack(seq, len(batch.mqtt_payloads), 0, batch.received_ns)])
+
+    def _publish(self, batch: EncodedBatch, seq: int, messages: list[Message]) -> None:
         self.batches[self.next_batch] = BatchState(
             len(messages), len(batch.mqtt_payloads), batch.received_ns, seq
         )
@@ -353,10 +384,10 @@ class MqttSink:
         self.idle.clear()
         self.backlog.extend(messages)
         self._refill()
+
+    def _buffer_full(self) -> bool:
         writer = self.writer
-        if writer is not None and writer.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
-            with contextlib.suppress(OSError):  # the connection loop notices and reconnects
-                await writer.drain()
+        return writer is not None and writer.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT
 
     def _messages(self, batch: EncodedBatch) -> list[Message]:
         seq = self.next_batch
@@ -377,7 +408,7 @@ class MqttSink:
         """
         if not self.connected or self.writer is None or not self.backlog:
             return
-        packets = []
+        packets = bytearray()  # one buffer for all: written once, never changed after
         sent = []
         backlog, inflight = self.backlog, self.inflight
         while backlog and len(inflight) < self.window:
@@ -385,14 +416,17 @@ class MqttSink:
             if self.qos:
                 packet_id = self._take_packet_id()
                 inflight[packet_id] = message
-                packets.append(message.header.packet(packet_id, message.payload, dup > 0))
+                message.header.append_packet(packets, packet_id, message.payload, dup > 0)
                 dup -= 1
             else:
-                packets.append(message.header.packet(0, message.payload))
+                message.header.append_packet(packets, 0, message.payload)
                 sent.append(message)
-        self.writer.write(b"".join(packets))
-        for message in sent:  # QoS 0: handed to the connection is all there is
-            self._acknowledged(message)
+        self.writer.write(packets)
+        if sent:  # QoS 0: handed to the connection is all there is
+            finished: list[Ack] = []
+            for message in sent:
+                self._acknowledged(message, finished)
+            self._finish(finished)
 
     def _take_packet_id(self) -> int:
         packet_id = self.next_id
@@ -401,13 +435,20 @@ class MqttSink:
         self.next_id = packet_id % MAX_PACKET_ID + 1
         return packet_id
 
-    def _acknowledged(self, message: Message) -> None:
+    def _acknowledged(self, message: Message, finished: list[Ack]) -> None:
+        """One message acknowledged; its batch goes to `finished` once all of them are."""
         state = self.batches[message.batch]
         state.remaining -= 1
         self.outstanding -= 1
         if state.remaining == 0:
             del self.batches[message.batch]
-            self.on_ack([Ack(state.seq, state.events, 0, state.received_ns)])
+            finished.append(Ack(state.seq, state.events, 0, state.received_ns))
+
+    def _finish(self, finished: list[Ack]) -> None:
+        """After messages were acknowledged: tell the feed which batches are done, and
+        whoever waits for room or for everything to be acknowledged."""
+        if finished:
+            self.on_ack(finished)
         self.room.set()
         if not self.outstanding:
             self.idle.set()

@@ -109,19 +109,28 @@ class TopicHeader:
         self.overhead = len(self.encoded_topic) + (2 if qos else 0)
 
     def packet(self, packet_id: int, payload: bytes, dup: bool = False) -> bytes:
-        first = self.first_byte | (DUP_FLAG if dup else 0)
+        out = bytearray()
+        self.append_packet(out, packet_id, payload, dup)
+        return bytes(out)
+
+    def append_packet(
+        self, out: bytearray, packet_id: int, payload: bytes, dup: bool = False
+    ) -> None:
+        """PUBLISH `payload` with `packet_id` (ignored at QoS 0), added to `out`: a batch's
+        packets are built in one buffer (no bytes object per packet, no join)."""
+        out.append(self.first_byte | DUP_FLAG if dup else self.first_byte)
         length = self.overhead + len(payload)
+        if length < 0x80:
+            out.append(length)
+        elif length < 0x4000:
+            out.append(length & 0x7F | 0x80)
+            out.append(length >> 7)
+        else:
+            out += remaining_length(length)
+        out += self.encoded_topic
         if self.qos:
-            return b"".join(
-                (
-                    bytes((first,)),
-                    remaining_length(length),
-                    self.encoded_topic,
-                    packet_id.to_bytes(2, "big"),
-                    payload,
-                )
-            )
-        return b"".join((bytes((first,)), remaining_length(length), self.encoded_topic, payload))
+            out += packet_id.to_bytes(2, "big")
+        out += payload
 
 
 def pubrel_packet(packet_id: int) -> bytes:
