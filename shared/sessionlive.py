@@ -32,8 +32,18 @@ _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(LiveSessions)
 
 
-def encode_live(state: SessionState, waiting: list[SessionEvent], now_ns: int) -> bytes:
-    return _ENCODER.encode(LiveSessions(now_ns, state.saved(), waiting))
+class _LiveOut(msgspec.Struct, array_like=True):
+    """`LiveSessions` as written: `waiting` may be the writer's bytes, spliced as they are."""
+
+    published_ns: int
+    state: Checkpoint
+    waiting: list[SessionEvent] | msgspec.Raw
+
+
+def encode_live(
+    state: SessionState, waiting: list[SessionEvent] | msgspec.Raw, now_ns: int
+) -> bytes:
+    return _ENCODER.encode(_LiveOut(now_ns, state.saved(), waiting))
 
 
 def write_atomically(path: Path, data: bytes) -> None:
