@@ -39,10 +39,24 @@ _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(LiveSessions)
 
 
+class _LiveOut(msgspec.Struct, array_like=True):
+    """`LiveSessions` as written: `waiting` may be the writer's bytes, spliced as they are."""
+
+    published_ns: int
+    state: Checkpoint
+    waiting: list[SessionEvent] | msgspec.Raw
+    epoch: int = 0
+    seq: int = 0
+
+
 def encode_live(
-    state: SessionState, waiting: list[SessionEvent], now_ns: int, epoch: int = 0, seq: int = 0
+    state: SessionState,
+    waiting: list[SessionEvent] | msgspec.Raw,
+    now_ns: int,
+    epoch: int = 0,
+    seq: int = 0,
 ) -> bytes:
-    return _ENCODER.encode(LiveSessions(now_ns, state.saved(), waiting, epoch, seq))
+    return _ENCODER.encode(_LiveOut(now_ns, state.saved(), waiting, epoch, seq))
 
 
 def decode_snapshot(data: bytes) -> LiveSessions:

@@ -94,7 +94,7 @@ def test_the_writer_publishes_on_change_and_the_reader_sees_events_still_reorder
         deltas = publisher.delta_path.stat().st_size
         spool = keeper.spool
         keeper.add(spool.append(msgspec.msgpack.encode(batch(items)), len(items)), batch(items))
-        assert keeper.waiting  # all within the 2 s reorder window: none applied yet
+        assert keeper.waiting_events()  # all within the 2 s reorder window: none applied yet
         assert publisher.publish()
         assert publisher.delta_path.stat().st_size > deltas  # a delta, not the whole state
         assert (publisher.path.stat().st_mtime_ns, publisher.path.stat().st_ino) == written

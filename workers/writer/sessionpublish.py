@@ -111,7 +111,7 @@ class SessionPublisher:
 
     def _append(self, now_ns: int) -> None:
         assert self.log_fd is not None
-        state, waiting = self.keeper.state, self.keeper.waiting
+        state, first_waiting_ns = self.keeper.state, self.keeper.first_waiting_ns
         self.seq += 1
         delta = LiveDelta(
             self.seq,
@@ -122,7 +122,7 @@ class SessionPublisher:
             state.ended_seq,
             changed_entries(state, self.since_clock_ns),
             self.batches,
-            waiting[0].time_ns if waiting else NOTHING_WAITS,
+            NOTHING_WAITS if first_waiting_ns is None else first_waiting_ns,
         )
         data = frame(delta)
         if os.write(self.log_fd, data) != len(data):
