@@ -2,8 +2,9 @@
 
 Pure logic, no service: `search` calls `run(rate)` for trials and decides the next rate.
 
-1. Bracket: step up from `start` by a factor `step` while trials pass (never above `cap`),
-   or down by the same factor while they fail, until one rate passed and one failed.
+1. Bracket: step up from `start` while trials pass (never above `cap`), or down while they
+   fail, until one rate passed and one failed; the n-th step is a factor `step ** n`, so a
+   start far from the answer costs a few trials, not many.
 2. Bisect between the highest passing rate `lo` and the lowest failing one `hi` until
    (hi - lo) / lo <= `precision`, or the rate grid (`round_rate`) leaves nothing between
    them, or the trial budget is spent.
@@ -90,16 +91,18 @@ class SearchResult(Generic[T]):
 
 
 def next_rate(
-    lo: float, hi: float | None, cap: float, step: float, precision: float
+    lo: float, hi: float | None, cap: float, step: float, precision: float, steps: int = 1
 ) -> tuple[float | None, str]:
-    """The next rate to try given the bracket so far, or (None, why the search stops)."""
+    """The next rate to try given the bracket so far, or (None, why the search stops);
+    `steps`: how many rates the bracketing has tried so far (the step grows with it)."""
+    factor = step ** max(1, steps)
     if hi is None:  # everything passed so far: step up
         if lo >= round_rate(cap):
             return None, CAP
-        up = round_rate(min(lo * step, cap))
+        up = round_rate(min(lo * factor, cap))
         return (up, "") if up > lo else (None, CAP)
     if not lo:  # everything failed so far: step down
-        down = round_rate(hi / step)
+        down = round_rate(hi / factor)
         return (down, "") if down < hi else (None, FLOOR)
     if (hi - lo) / lo <= precision + 1e-9:
         return None, PRECISION
@@ -134,7 +137,8 @@ def search(
             result.lo = max(result.lo, rate)
         else:
             result.hi = rate if result.hi is None else min(result.hi, rate)
-        following, why = next_rate(result.lo, result.hi, cap, step, precision)
+        tried = len(set(result.rates))
+        following, why = next_rate(result.lo, result.hi, cap, step, precision, tried)
         if following is None:
             result.stopped = why
             break
