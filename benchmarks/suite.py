@@ -7,18 +7,29 @@ Starts its own influxd and mosquitto (tests/localservers.py) and measures, in or
    same MQTT payloads at QoS 1 by our MqttSink; aiomqtt and paho-mqtt for comparison);
 2. receiver alone: the same flood into `senseflow run` whose workers discard
    (benchmarks/discard.py), alternating with the socket ceiling, repeat by repeat;
-3. end to end, for each --workers: the highest steady zero-loss rate (bounded search;
-   InfluxDB only, then InfluxDB + MQTT QoS 1 on the everything topic), a trial at
-   10,000/s for CPU per event, then latency steps at 1k, 10k and 50 % of the max
-   (receive -> InfluxDB ack, receive -> MQTT delivery; CPU and RSS per process);
-4. overload: 2x the max rate: RSS over time, and whether the counters add up.
+3. end to end, for each --workers: the highest steady zero-loss rate (InfluxDB only, then
+   InfluxDB + MQTT QoS 1 on the everything topic) by a bounded search
+   (benchmarks/ratesearch.py: bracket, then bisect until (hi - lo) / lo <= 5 %, 8 trials
+   at most; lo, hi and the precision reached are in the JSON and the table; a workers
+   count after the first starts from the one before), a trial at 10,000/s for CPU per
+   event, then latency steps at 1k, 10k and 50 % of the max (receive -> InfluxDB ack,
+   receive -> MQTT delivery; CPU and RSS per process); with `--hog N`, the 10k step once
+   more beside N CPU-burning processes (benchmarks/hog.py): the loaded-machine figure;
+4. overload: 2x the max rate: RSS over time, and whether the counters add up;
+5. cost growth (benchmarks/growth.py): CPU per event and total RSS / PSS at 100 to
+   30,000 events/s and with 10 to 100,000 distinct users (~5 min of a full run).
 
 Every figure that depends on the machine is also a ratio to a ceiling measured in the
-same run. Results: a JSON of raw figures, a Markdown table, PNG plots.
+same run. Results: a JSON of raw figures, a Markdown table with issue 15's targets (goal,
+measured, met), PNG plots.
 
-    .venv/bin/python -m benchmarks.suite --quick            # ~1 minute, checks the harness
-    .venv/bin/python -m benchmarks.suite --full             # the real thing, ~20-30 minutes
+    .venv/bin/python -m benchmarks.suite --quick            # ~2-3 minutes, checks the harness
+    .venv/bin/python -m benchmarks.suite --full --hog 1     # the real thing, ~30-35 minutes
+    .venv/bin/python -m benchmarks.suite --growth-only      # cost growth alone (--quick too)
     .venv/bin/python -m benchmarks.report compare OLD.json NEW.json
+
+`--hog-scope all` keeps the hogs running for the whole run instead (every figure loaded);
+`--skip-growth` leaves out phase 5.
 """
 
 from __future__ import annotations
