@@ -250,7 +250,7 @@ def markdown(results: dict[str, Any]) -> str:
                     t["measured"],
                     {True: "yes", False: "**no**", None: "—"}[t["met"]],
                 ]
-                for t in results.get("targets") or targets(results)
+                for t in targets(results)
             ],
         ),
     ]
