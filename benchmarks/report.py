@@ -626,6 +626,11 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
             out[f"latency.w{w}.10k.influx_p99_ms"] = step["influx_latency_ms"].get("p99", 0)
             out[f"latency.w{w}.10k.mqtt_p99_ms"] = step["mqtt_latency_ms"].get("p99", 0)
             out[f"latency.w{w}.10k.total_rss_mb"] = step["peak_total_rss_mb"]
+    for row in results.get("growth", {}).get("rows", []):
+        name = f"growth.{row['series']}.{row['rate']:.0f}_per_s.{row['users']}_users"
+        out[f"{name}.cpu_us_per_event"] = row["cpu_us_per_event_total"]
+        out[f"{name}.total_rss_mb"] = row["rss_total_mb"]
+        out[f"{name}.total_pss_mb"] = row["pss_total_mb"]
     return out
 
 
