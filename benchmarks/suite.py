@@ -723,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     prefix = "" if plots != args.out else f"{name}-"
     if args.growth_only:
         results["meta"]["plots"] = (
-            [growth_plot(results["growth"], plots / f"{prefix}growth.png")]
+            [growth_plot(results["growth"], plots / (f"{name}.png" if prefix else "growth.png"))]
             if "growth" in results
             else []
         )
