@@ -417,14 +417,16 @@ def wait_delivered(
     marker: str,
     mqtt_before: int,
     sent_at: float,
+    patience: float | None = None,
 ) -> tuple[float | None, dict[str, Any]]:
     """Seconds from the last datagram sent until the marker is in InfluxDB, InfluxDB holds
-    all `expected` events and MQTT delivered them (None: not within `drain_deadline`); and,
+    all `expected` events and MQTT delivered them (None: not within `patience` s, by default
+    `drain_deadline`); and,
     if that took longer than the drain limit, what had arrived when the limit passed.
     The marker is a cheap query; the full count, slow on a large trial, runs only once it
     is in."""
     limit = service.bench.drain_limit
-    deadline = sent_at + drain_deadline(limit)
+    deadline = sent_at + (patience or drain_deadline(limit))
     where = f"AND userId = '{marker}'"
     at_limit: dict[str, Any] = {}
     while True:

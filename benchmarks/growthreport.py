@@ -24,7 +24,7 @@ def table_rows(growth: dict[str, Any]) -> list[list[str]]:
                 f"{others:.1f}",
                 f"{row['rss_total_mb']:.0f} / {row['peak_total_rss_mb']:.0f}",
                 f"{row['pss_total_mb']:.0f}",
-                "yes" if row["drained"] else "**no**",
+                _drain(row),
             ]
         )
     return rows
@@ -39,8 +39,15 @@ HEADER = [
     "other",
     "total RSS MB (end / peak)",
     "total PSS MB",
-    "all delivered",
+    "all stored within (s after the last send)",
 ]
+
+
+def _drain(row: dict[str, Any]) -> str:
+    longest = row.get("drain_seconds_max")
+    if not row["drained"]:
+        return "**not all** (a repeat waited 60 s)"
+    return "—" if longest is None else f"{longest:.1f}"
 
 
 def markdown(growth: dict[str, Any]) -> str:

@@ -175,6 +175,7 @@ def test_growth_rows_are_medians_of_the_repeats() -> None:
         190.0,
     )
     assert summary["repeats"] == 3 and summary["drained"] is False
+    assert summary["drain_seconds_max"] == 0.5
 
 
 def test_the_growth_table_has_a_row_per_step_of_both_series() -> None:
@@ -213,7 +214,7 @@ def test_the_growth_table_has_a_row_per_step_of_both_series() -> None:
         "0.0",
         "240 / 245",
         "175",
-        "yes",
+        "0.5",
     ]
     assert table[1][:3] == ["users", "10,000", "100,000"] and table[1][7:9] == ["9.0", "1.0"]
     text = markdown(growth)
