@@ -48,7 +48,7 @@ MODE = "influx"
 WORKERS = 2
 FILL_RATE = 20_000.0
 """Events/s at which the session state is filled before the steps of a user count."""
-DRAIN_PATIENCE = 60.0
+DRAIN_PATIENCE = 20.0
 """Seconds a step waits after its last datagram for every event to be stored: CPU per
 event counts all the work, even when the service fell behind (the table says so)."""
 

@@ -46,7 +46,7 @@ HEADER = [
 def _drain(row: dict[str, Any]) -> str:
     longest = row.get("drain_seconds_max")
     if not row["drained"]:
-        return "**not all** (a repeat waited 60 s)"
+        return "**not all** (a repeat waited 20 s)"
     return "—" if longest is None else f"{longest:.1f}"
 
 
