@@ -93,7 +93,7 @@ def measure_step(
     until everything is in InfluxDB (`drain_seconds` after the last datagram, None: not
     within DRAIN_PATIENCE); memory at the end."""
     try:
-        service.settle()
+        service.settle(DRAIN_PATIENCE + 10)
         settled = True
     except TimeoutError:  # still behind the step before: measured all the same, and said
         settled = False
