@@ -34,11 +34,15 @@ lint: install
 	$(BIN)/mypy
 
 # The benchmark suite (benchmarks/suite.py): its own influxd and mosquitto, ceilings, receiver
-# alone, end to end for --workers 1 2 4, latency, overload. Writes benchmarks/out/suite-*.json
-# and .md; the full run also redraws the plots under benchmarks/. Parse/encode alone:
+# alone, end to end for --workers 1 2 4 (highest zero-loss rate known within 5 %), latency,
+# the 10,000/s latency step again beside BENCH_HOG CPU-burning processes (a loaded machine;
+# 0: none), overload, cost growth (CPU/event and RSS vs rate and vs users). Writes
+# benchmarks/out/suite-*.json and .md; the full run also redraws the plots under benchmarks/.
+# Cost growth alone: `$(BIN)/python -m benchmarks.growth`; parse/encode alone:
 # `$(BIN)/python -m benchmarks.micro`.
+BENCH_HOG ?= 1
 bench: install system-deps
-	$(BIN)/python -m benchmarks.suite --full
+	$(BIN)/python -m benchmarks.suite --full --hog $(BENCH_HOG)
 
 bench-quick: install system-deps
 	$(BIN)/python -m benchmarks.suite --quick

@@ -1,4 +1,4 @@
-"""The real service under load: trials, the zero-loss search, latency steps, overload.
+"""The real service under load: trials (for benchmarks/ratesearch.py), latency steps, overload.
 
 One `senseflow run` serves several trials (starting one costs seconds on this machine);
 between trials the suite waits until the service has caught up (`settle`), so that a
@@ -331,7 +331,11 @@ class Trial:
 
     def describe(self) -> str:
         mqtt = f" mqtt {self.mqtt:,}" if self.mqtt is not None else ""
-        drain = f"{self.drain_seconds:.2f}s" if self.drain_seconds is not None else "> 30 s"
+        drain = (
+            f"{self.drain_seconds:.2f}s"
+            if self.drain_seconds is not None
+            else f"> {drain_deadline(self.drain_limit):g} s"
+        )
         if self.arrived_at_limit:
             drain += f" (at {self.drain_limit:g} s: {self.arrived_at_limit})"
         if self.mqtt_duplicates:
@@ -399,6 +403,13 @@ def send_marker(port: int) -> str:
     return marker
 
 
+def drain_deadline(limit: float) -> float:
+    """Seconds after the last datagram when a trial stops waiting for its events: by then
+    it has failed (not steady) anyway, and counting what arrived waits for the service to
+    settle; a long wait here only made failed trials cost half a minute each."""
+    return max(8.0, limit * 4)
+
+
 def wait_delivered(
     service: RunningService,
     expected: int,
@@ -406,14 +417,16 @@ def wait_delivered(
     marker: str,
     mqtt_before: int,
     sent_at: float,
+    patience: float | None = None,
 ) -> tuple[float | None, dict[str, Any]]:
     """Seconds from the last datagram sent until the marker is in InfluxDB, InfluxDB holds
-    all `expected` events and MQTT delivered them (None: not within a long deadline); and,
+    all `expected` events and MQTT delivered them (None: not within `patience` s, by default
+    `drain_deadline`); and,
     if that took longer than the drain limit, what had arrived when the limit passed.
     The marker is a cheap query; the full count, slow on a large trial, runs only once it
     is in."""
     limit = service.bench.drain_limit
-    deadline = sent_at + max(30.0, limit * 10)
+    deadline = sent_at + (patience or drain_deadline(limit))
     where = f"AND userId = '{marker}'"
     at_limit: dict[str, Any] = {}
     while True:
@@ -432,48 +445,6 @@ def wait_delivered(
         if time.monotonic() > deadline:
             return None, at_limit
         time.sleep(0.05)
-
-
-def search(
-    run: Callable[[float], Trial],
-    start: float,
-    cap: float,
-    precision: float,
-    max_trials: int,
-    log: Callable[[str], None] = print,
-) -> tuple[float, list[Trial]]:
-    """Bounded search for the highest rate that passes (zero loss, steady): double from
-    `start` until a trial fails (never above `cap`), then bisect until bad/good <= 1+P;
-    at most `max_trials` trials."""
-    trials: list[Trial] = []
-    good, bad = 0.0, 0.0
-    rate = round_rate(min(start, cap))
-    retried = False
-    for _ in range(max_trials):
-        trial = run(rate)
-        trials.append(trial)
-        log(trial.describe())
-        if trial.zero_loss and not trial.steady and not retried:
-            retried = True  # slow to drain once may be the machine: confirm it, once
-            continue
-        retried = False
-        if trial.zero_loss and trial.steady:
-            good = max(good, rate)
-        else:
-            bad = rate if not bad else min(bad, rate)
-        if not bad:
-            next_rate = round_rate(min(rate * 2, cap))
-        else:
-            next_rate = round_rate((good + bad) / 2 if good else bad / 2)
-        if (good and bad and bad / good <= 1 + precision) or next_rate in (good, bad):
-            break
-        rate = next_rate
-    return good, trials
-
-
-def round_rate(rate: float) -> float:
-    step = 100 if rate < 10_000 else 500
-    return float(max(step, round(rate / step) * step))
 
 
 # -- latency steps ----------------------------------------------------------------------------

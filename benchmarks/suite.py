@@ -7,18 +7,29 @@ Starts its own influxd and mosquitto (tests/localservers.py) and measures, in or
    same MQTT payloads at QoS 1 by our MqttSink; aiomqtt and paho-mqtt for comparison);
 2. receiver alone: the same flood into `senseflow run` whose workers discard
    (benchmarks/discard.py), alternating with the socket ceiling, repeat by repeat;
-3. end to end, for each --workers: the highest steady zero-loss rate (bounded search;
-   InfluxDB only, then InfluxDB + MQTT QoS 1 on the everything topic), a trial at
-   10,000/s for CPU per event, then latency steps at 1k, 10k and 50 % of the max
-   (receive -> InfluxDB ack, receive -> MQTT delivery; CPU and RSS per process);
-4. overload: 2x the max rate: RSS over time, and whether the counters add up.
+3. end to end, for each --workers: the highest steady zero-loss rate (InfluxDB only, then
+   InfluxDB + MQTT QoS 1 on the everything topic) by a bounded search
+   (benchmarks/ratesearch.py: bracket, then bisect until (hi - lo) / lo <= 5 %, 8 trials
+   at most; lo, hi and the precision reached are in the JSON and the table; a workers
+   count after the first starts from the one before), a trial at 10,000/s for CPU per
+   event, then latency steps at 1k, 10k and 50 % of the max (receive -> InfluxDB ack,
+   receive -> MQTT delivery; CPU and RSS per process); with `--hog N`, the 10k step once
+   more beside N CPU-burning processes (benchmarks/hog.py): the loaded-machine figure;
+4. overload: 2x the max rate: RSS over time, and whether the counters add up;
+5. cost growth (benchmarks/growth.py): CPU per event and total RSS / PSS at 100 to
+   30,000 events/s and with 10 to 100,000 distinct users (~5 min of a full run).
 
 Every figure that depends on the machine is also a ratio to a ceiling measured in the
-same run. Results: a JSON of raw figures, a Markdown table, PNG plots.
+same run. Results: a JSON of raw figures, a Markdown table with issue 15's targets (goal,
+measured, met), PNG plots.
 
-    .venv/bin/python -m benchmarks.suite --quick            # ~1 minute, checks the harness
-    .venv/bin/python -m benchmarks.suite --full             # the real thing, ~20-30 minutes
+    .venv/bin/python -m benchmarks.suite --quick            # ~2-3 minutes, checks the harness
+    .venv/bin/python -m benchmarks.suite --full --hog 1     # the real thing, ~30-35 minutes
+    .venv/bin/python -m benchmarks.suite --growth-only      # cost growth alone (--quick too)
     .venv/bin/python -m benchmarks.report compare OLD.json NEW.json
+
+`--hog-scope all` keeps the hogs running for the whole run instead (every figure loaded);
+`--skip-growth` leaves out phase 5.
 """
 
 from __future__ import annotations
@@ -42,9 +53,16 @@ import orjson
 
 from benchmarks import ceilings, endtoend, report
 from benchmarks.endtoend import Bench, RunningService, Trial, bench_servers
+from benchmarks.growth import FULL as GROWTH_FULL
+from benchmarks.growth import QUICK as GROWTH_QUICK
+from benchmarks.growth import GrowthScale, measure_growth
+from benchmarks.growthreport import markdown as growth_markdown
+from benchmarks.growthreport import plot as growth_plot
+from benchmarks.hog import Hogs
 from benchmarks.micro import machine
 from benchmarks.probes import influx_proxy, mqtt_subscriber
 from benchmarks.procs import flood_and_time, prefill_and_time
+from benchmarks.ratesearch import round_rate, search
 from senseflow.commands.corpus import make_corpus
 from shared.config import load_config
 from tests.e2e.harness import REPO
@@ -70,6 +88,7 @@ class Scale:
     overload_seconds: float
     warmup: float
     pool: int
+    growth: GrowthScale | None
 
 
 QUICK = Scale(
@@ -83,11 +102,12 @@ QUICK = Scale(
     broker_messages=10_000,
     aiomqtt_awaited=1_000,
     aiomqtt_inflight=3_000,
-    max_trials=1,
-    precision=0.1,
+    max_trials=3,
+    precision=0.05,
     overload_seconds=3.0,
     warmup=0.2,
     pool=10_000,
+    growth=GROWTH_QUICK,
 )
 FULL = Scale(
     workers=(1, 2, 4),
@@ -100,11 +120,12 @@ FULL = Scale(
     broker_messages=200_000,
     aiomqtt_awaited=5_000,
     aiomqtt_inflight=20_000,
-    max_trials=6,
-    precision=0.1,
+    max_trials=8,
+    precision=0.05,
     overload_seconds=30.0,
     warmup=1.0,
     pool=50_000,
+    growth=GROWTH_FULL,
 )
 FIXED_RATES = (1_000.0, 10_000.0)
 CPU_RATE = 10_000.0
@@ -330,23 +351,31 @@ def measure_mode(
     material: Material,
     quick: bool,
     overload: bool,
+    hint: float = 0.0,
 ) -> dict[str, Any]:
+    """The search, then CPU at 10,000/s (and the overload). `hint`: the highest rate found
+    with another workers count; the search starts there in small steps."""
     before = adjacent_ceilings(bench, mode, material)
     ceiling = min(before.values())
     log(f"{mode}, workers={workers}: ceilings just before the search {before}")
     runner = TrialRunner(bench, mode, workers)
     try:
-        start = 5_000.0 if quick else ceiling * 0.5
-        best, trials = endtoend.search(
-            runner.trial, start, ceiling * 1.2, scale.precision, scale.max_trials, log
+        start, step = search_start(quick, ceiling, hint, scale.precision)
+        found = search(
+            runner.trial, start, ceiling * 1.2, scale.precision, scale.max_trials, log, step
         )
-        log(f"== {mode}, workers={workers}: highest steady zero-loss rate {best:,.0f}/s")
+        best, trials = found.lo, found.trials
+        log(
+            f"== {mode}, workers={workers}: highest steady zero-loss rate {best:,.0f}/s "
+            f"(failed at {found.hi}; precision {found.precision}, stopped: {found.stopped})"
+        )
         after = adjacent_ceilings(bench, mode, material)
         log(f"{mode}, workers={workers}: ceilings just after the search {after}")
         at_10k = runner.trial(CPU_RATE)
         log(f"   at {CPU_RATE:,.0f}/s: {at_10k.describe()}")
         result: dict[str, Any] = {
             "max_zero_loss_rate": best,
+            "search": found.as_dict(),
             "trials": [t.as_dict() for t in trials],
             "at_10k": at_10k.as_dict(),
             "adjacent_ceilings": {
@@ -371,12 +400,21 @@ def measure_mode(
         runner.close()
 
 
+def search_start(quick: bool, ceiling: float, hint: float, precision: float) -> tuple[float, float]:
+    """(first rate, step factor) of a search: from another workers count's result in steps
+    of 2x the precision (a bracket in two trials when it is close), else from half the
+    ceiling in steps of 25 % (the end-to-end rates were 0.4-0.6 of it)."""
+    if hint:
+        return hint, 1 + 2 * precision
+    return (5_000.0, 2.0) if quick else (ceiling * 0.5, 1.25)
+
+
 def measure_latency(
-    bench: Bench, scale: Scale, workers: int, max_rate: float
-) -> list[dict[str, Any]]:
-    rates = sorted(
-        {*FIXED_RATES, endtoend.round_rate(max_rate / 2)} if max_rate else set(FIXED_RATES)
-    )
+    bench: Bench, scale: Scale, workers: int, max_rate: float, hogs: int = 0
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The latency steps; with `hogs`, the 10,000/s step once more with that many CPU hogs
+    running (the loaded-machine figure)."""
+    rates = sorted({*FIXED_RATES, round_rate(max_rate / 2)} if max_rate else set(FIXED_RATES))
     proxy_port = free_ports(1)[0]
     steps = []
     with ExitStack() as stack:
@@ -410,7 +448,18 @@ def measure_latency(
                 f"rss {step.peak_total_rss_mb} MB"
             )
             steps.append({**step.__dict__, "workers": workers})
-    return steps
+        loaded = None
+        if hogs and all("error" not in s for s in steps):
+            with Hogs(hogs):
+                step = endtoend.run_step(
+                    service, CPU_RATE, {"influxdb": proxy, "mqtt": sub}, scale.warmup
+                )
+            log(
+                f"latency workers={workers} {CPU_RATE:,.0f}/s with {hogs} CPU hogs: influx "
+                f"{step.influx_latency_ms}, mqtt {step.mqtt_latency_ms}"
+            )
+            loaded = {**step.__dict__, "workers": workers, "hogs": hogs}
+    return steps, loaded
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -428,27 +477,69 @@ def run_suite(
         influx, broker = stack.enter_context(bench_servers(workdir, log))
         pool = make_corpus(scale.pool, seed=1)
         bench = Bench(workdir, influx, broker, pool, scale.duration, scale.drain_limit)
-        material = Material.build(bench, scale.sink_points)
-        results["ceilings"] = measure_ceilings(bench, scale, material)
-        receiver = measure_receiver(bench, scale)
-        results["ceilings"]["socket"] = receiver["socket"]
-        results["receiver_alone"] = receiver["receiver"]
-        save(results)
-        results["end_to_end"] = {"influx": {}, "influx+mqtt": {}}
-        results["latency"] = {}
-        for workers in scale.workers:
-            run_workers(bench, scale, args.quick, workers, material, results, save)
+        if args.hog and args.hog_scope == "all":
+            hogs = stack.enter_context(Hogs(args.hog))
+            log(f"{args.hog} CPU hogs running for the whole run: pids {hogs.pids}")
+        if not args.growth_only:
+            run_main_phases(args, scale, bench, results, save)
+        growth_scale = scale.growth
+        if growth_scale is not None and not args.skip_growth:
+            growth = phase(
+                results, save, "growth", lambda: measure_growth(bench, growth_scale, log)
+            )
+            if growth is not None:
+                results["growth"] = growth
     results["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
-    results["ratios"] = report.ratios(results)
-    results["targets"] = report.targets(results)
+    if "ceilings" in results:
+        results["ratios"] = report.ratios(results)
+        results["targets"] = report.targets(results)
     results["meta"]["complete"] = not results["errors"]
     return results
+
+
+def run_main_phases(
+    args: argparse.Namespace,
+    scale: Scale,
+    bench: Bench,
+    results: dict[str, Any],
+    save: Callable[[dict[str, Any]], None],
+) -> None:
+    """Ceilings, the receiver alone, then end to end and latency for each workers count."""
+    material = Material.build(bench, scale.sink_points)
+    results["ceilings"] = measure_ceilings(bench, scale, material)
+    receiver = measure_receiver(bench, scale)
+    results["ceilings"]["socket"] = receiver["socket"]
+    results["receiver_alone"] = receiver["receiver"]
+    save(results)
+    results["end_to_end"] = {"influx": {}, "influx+mqtt": {}}
+    results["latency"] = {}
+    if args.hog and args.hog_scope == "latency":
+        results["latency_loaded"] = {}
+    for workers in scale.workers:
+        run_workers(bench, scale, args, workers, material, results, save)
+
+
+def phase(
+    results: dict[str, Any],
+    save: Callable[[dict[str, Any]], None],
+    name: str,
+    run: Callable[[], Any],
+) -> Any:
+    """`run()`, or None when it raised: logged, recorded under `errors`; saved either way."""
+    try:
+        return run()
+    except Exception as exc:  # recorded, and the suite goes on with the next phase
+        log(f"{name} failed: {traceback.format_exc()}")
+        results["errors"].append({"phase": name, "error": repr(exc)})
+        return None
+    finally:
+        save(results)
 
 
 def run_workers(
     bench: Bench,
     scale: Scale,
-    quick: bool,
+    args: argparse.Namespace,
     workers: int,
     material: Material,
     results: dict[str, Any],
@@ -460,34 +551,53 @@ def run_workers(
     )
     e2e, key = results["end_to_end"], str(workers)
 
-    def phase(name: str, run: Callable[[], Any]) -> Any:
-        try:
-            return run()
-        except Exception as exc:  # recorded, and the suite goes on with the next phase
-            log(f"{name} failed: {traceback.format_exc()}")
-            results["errors"].append({"phase": name, "error": repr(exc)})
-            return None
-        finally:
-            save(results)
+    def hint(mode: str) -> float:
+        """The highest rate of the workers count measured just before, if any."""
+        found = [r["max_zero_loss_rate"] for r in e2e[mode].values()]
+        return found[-1] if found else 0.0
 
     influx = phase(
+        results,
+        save,
         f"influx w{workers}",
-        lambda: measure_mode(bench, scale, "influx", workers, material, quick, False),
+        lambda: measure_mode(
+            bench, scale, "influx", workers, material, args.quick, False, hint("influx")
+        ),
     )
     if influx is not None:
         e2e["influx"][key] = influx
     combined = phase(
+        results,
+        save,
         f"influx+mqtt w{workers}",
-        lambda: measure_mode(bench, scale, "influx+mqtt", workers, material, quick, overload),
+        lambda: measure_mode(
+            bench,
+            scale,
+            "influx+mqtt",
+            workers,
+            material,
+            args.quick,
+            overload,
+            hint("influx+mqtt"),
+        ),
     )
     if combined is not None:
         if "overload" in combined:
             results["overload"] = combined.pop("overload")
         e2e["influx+mqtt"][key] = combined
     best = combined["max_zero_loss_rate"] if combined else 0.0
-    steps = phase(f"latency w{workers}", lambda: measure_latency(bench, scale, workers, best))
-    if steps is not None:
+    hogs = args.hog if args.hog_scope == "latency" else 0
+    latency = phase(
+        results,
+        save,
+        f"latency w{workers}",
+        lambda: measure_latency(bench, scale, workers, best, hogs),
+    )
+    if latency is not None:
+        steps, loaded = latency
         results["latency"][key] = steps
+        if loaded is not None:
+            results["latency_loaded"][key] = loaded
 
 
 def meta(args: argparse.Namespace, scale: Scale) -> dict[str, Any]:
@@ -496,6 +606,7 @@ def meta(args: argparse.Namespace, scale: Scale) -> dict[str, Any]:
         "command": " ".join(sys.orig_argv),
         "mode": "quick" if args.quick else "full",
         "scale": scale.__dict__,
+        "hog": {"processes": args.hog, "scope": args.hog_scope if args.hog else None},
         "machine": machine(),
         "servers": server_versions(),
         "commit": git(["rev-parse", "--short", "HEAD"]),
@@ -558,7 +669,32 @@ def main(argv: list[str] | None = None) -> int:
         help="where the PNG plots go (default: benchmarks/ for --full, --out for --quick)",
     )
     parser.add_argument("--name", help="file name stem (default suite-quick / suite-full)")
+    parser.add_argument(
+        "--hog",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N CPU-burning processes (busy loops) for a loaded machine; see --hog-scope",
+    )
+    parser.add_argument(
+        "--hog-scope",
+        choices=("latency", "all"),
+        default="latency",
+        help="latency (default): an extra 10,000/s latency step per workers count with the "
+        "hogs running; all: the hogs run for the whole suite",
+    )
+    growth_choice = parser.add_mutually_exclusive_group()
+    growth_choice.add_argument(
+        "--skip-growth", action="store_true", help="leave out the cost-growth phase"
+    )
+    growth_choice.add_argument(
+        "--growth-only",
+        action="store_true",
+        help="only the cost-growth phase (benchmarks/growth.py) with the suite's servers",
+    )
     args = parser.parse_args(argv)
+    if args.hog < 0:
+        parser.error("--hog must be >= 0")
     scale = QUICK if args.quick else FULL
     overrides = {
         k: v
@@ -570,7 +706,8 @@ def main(argv: list[str] | None = None) -> int:
         if v
     }
     scale = Scale(**{**scale.__dict__, **overrides})
-    name = args.name or ("suite-quick" if args.quick else "suite-full")
+    stem = "growth" if args.growth_only else "suite"
+    name = args.name or (f"{stem}-quick" if args.quick else f"{stem}-full")
     plots = args.plots or (args.out if args.quick else REPO / "benchmarks")
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{name}.json"
@@ -583,11 +720,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     results = run_suite(args, scale, save)
     save(results)
-    results["meta"]["plots"] = report.plot(
-        results, plots, prefix="" if plots != args.out else f"{name}-"
-    )
+    prefix = "" if plots != args.out else f"{name}-"
+    if args.growth_only:
+        results["meta"]["plots"] = (
+            [growth_plot(results["growth"], plots / (f"{name}.png" if prefix else "growth.png"))]
+            if "growth" in results
+            else []
+        )
+        markdown = growth_markdown(results["growth"]) + "\n" if "growth" in results else ""
+    else:
+        results["meta"]["plots"] = report.plot(results, plots, prefix=prefix)
+        markdown = report.markdown(results)
     save(results)
-    markdown = report.markdown(results)
     (args.out / f"{name}.md").write_text(markdown)
     print(markdown)
     log(f"wrote {json_path}, {args.out / f'{name}.md'} and {', '.join(results['meta']['plots'])}")

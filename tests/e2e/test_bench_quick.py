@@ -54,6 +54,7 @@ def test_every_section_is_there(quick_run: tuple[Path, dict[str, Any]]) -> None:
         "overload",
         "ratios",
         "targets",
+        "growth",
     } <= results.keys()
     assert results["errors"] == []
     meta = results["meta"]
@@ -118,6 +119,23 @@ def test_end_to_end_trials_and_steps(quick_run: tuple[Path, dict[str, Any]]) -> 
             assert {"supervisor", "reader-0", "worker-0", "writer"} <= step["peak_rss_mb"].keys()
 
 
+def test_search_and_growth_are_reported(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    _, results = quick_run
+    for per_workers in results["end_to_end"].values():
+        for result in per_workers.values():
+            search = result["search"]
+            assert search["lo"] == result["max_zero_loss_rate"]
+            assert search["trials"] == len(result["trials"]) <= search["budget"]
+    growth = results["growth"]
+    assert {(r["series"], r["rate"], r["users"]) for r in growth["rows"]} >= {
+        ("rates", 100.0, 300),
+        ("users", 10_000.0, 10),
+    }
+    for row in growth["rows"]:
+        assert positive(row["cpu_us_per_event_total"]) and positive(row["pss_total_mb"])
+    assert results["meta"]["hog"] == {"processes": 0, "scope": None}
+
+
 def test_overload_is_accounted(quick_run: tuple[Path, dict[str, Any]]) -> None:
     _, results = quick_run
     overload = results["overload"]
@@ -130,7 +148,7 @@ def test_overload_is_accounted(quick_run: tuple[Path, dict[str, Any]]) -> None:
 
 def test_targets_markdown_plots_and_compare(quick_run: tuple[Path, dict[str, Any]]) -> None:
     out, results = quick_run
-    assert len(results["targets"]) == 10
+    assert len(results["targets"]) == 15  # issue 15's 13 rows, then the 2 overload checks
     assert all(t["met"] in (True, False, None) and t["measured"] for t in results["targets"])
     markdown = (out / "quick.md").read_text()
     for heading in (
@@ -140,6 +158,7 @@ def test_targets_markdown_plots_and_compare(quick_run: tuple[Path, dict[str, Any
         "**Latency steps**",
         "**Overload**",
         "**Targets**",
+        "**Cost growth**",
         "Plots: ",
     ):
         assert heading in markdown
@@ -148,6 +167,7 @@ def test_targets_markdown_plots_and_compare(quick_run: tuple[Path, dict[str, Any
         "quick-throughput-vs-workers.png",
         "quick-latency-vs-rate.png",
         "quick-overload-rss.png",
+        "quick-growth.png",
     }
     assert all(p.parent == out and p.read_bytes().startswith(PNG_MAGIC) for p in plots)
     compared = report.compare(results, results)
