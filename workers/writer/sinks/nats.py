@@ -199,7 +199,10 @@ class NatsSink:
             )
 
     async def _on_error(self, exc: Exception) -> None:
-        self.last_error = exc
+        # The server's own refusal ("Authorization Violation") says why; the connection
+        # reset that often follows it says nothing more, so it does not replace it.
+        if not (isinstance(exc, OSError) and isinstance(self.last_error, nats.errors.Error)):
+            self.last_error = exc
         log.warning("NATS %s: %s", self.address, str(exc) or type(exc).__name__)
 
     async def _on_disconnected(self) -> None:
