@@ -118,3 +118,21 @@ def test_a_large_snapshot_is_posted_in_chunks_of_whole_lines() -> None:
     assert b"".join(chunks(body, 5)) == body
     assert [len(c.splitlines()) for c in chunks(body, 5)] == [5, 5, 2]
     assert chunks(b"", 5) == []
+
+
+def test_a_snapshot_after_a_new_session_names_the_new_session_and_forgets_the_old() -> None:
+    snapshot = SnapshotLines(config(1))
+    state = state_with((START, "SENSE1", "ann"), (START, "SENSE1", "bob"))
+    (ann,) = [e for e in state.hosts["SENSE1"].values() if e.user_id == "ann"]
+    old_id = session_id("SENSE1", ann)
+    assert any(old_id in line for line in lines_of(1, state, snapshot))
+    state.apply(SessionEvent(AT + 1, STOP, "SENSE1", "LAB", "ann"))
+    state.apply(SessionEvent(AT + 2, START, "SENSE1", "LAB", "ann"))
+    (ann,) = [e for e in state.hosts["SENSE1"].values() if e.user_id == "ann"]
+    new_id = session_id("SENSE1", ann)
+    details = [line for line in lines_of(1, state, snapshot) if "user_session_details" in line]
+    assert new_id != old_id and len(details) == 2
+    assert any(f'session_id="{new_id}"' in line for line in details)
+    assert not any(old_id in line for line in details)
+    assert lines_of(1, state, snapshot) == lines_of(1, state)  # remembered == built afresh
+    assert len(snapshot.detail_text) == 2  # only the sessions on now are remembered
