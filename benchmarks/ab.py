@@ -125,6 +125,8 @@ def tree_service(
 class Tree:
     label: str
     path: Path
+    pipeline: dict[str, Any] | None = None
+    """`senseflow:` settings of this tree alone, over the shared ones (`--new-pipeline`)."""
 
 
 def trial_record(tree: Tree, rate: float, repeat: int, order: int, trial: Trial) -> dict[str, Any]:
@@ -195,7 +197,8 @@ def run_rate(
     with ExitStack() as stack:
         services: dict[str, RunningService] = {}
         for tree in trees:
-            service = tree_service(bench, tree.path, workers, mode, pipeline)
+            own = {**(pipeline or {}), **(tree.pipeline or {})} or None
+            service = tree_service(bench, tree.path, workers, mode, own)
             stack.callback(service.close)
             services[tree.label] = service
             log(
@@ -326,12 +329,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help='`senseflow:` settings for both trees (JSON): \'{"sessions": {"enable": false}}\'',
     )
+    parser.add_argument(
+        "--new-pipeline",
+        type=orjson.loads,
+        default=None,
+        help="`senseflow:` settings of the new tree alone, over --pipeline: the same tree as "
+        '--old and --new with \'{"sessions": {"enable": true}}\' measures a feature',
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    trees = [Tree("old", args.old.resolve()), Tree("new", args.new.resolve())]
+    trees = [
+        Tree("old", args.old.resolve()),
+        Tree("new", args.new.resolve(), args.new_pipeline),
+    ]
     started = time.monotonic()
     meta: dict[str, Any] = {
         "date": datetime.now().isoformat(timespec="seconds"),
@@ -339,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         "trees": {t.label: str(t.path) for t in trees},
         "mode": args.mode,
         "pipeline": args.pipeline,
+        "new_pipeline": args.new_pipeline,
         "workers": args.workers,
         "duration_s": args.duration,
         "repeats": args.repeats,

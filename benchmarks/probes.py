@@ -5,7 +5,7 @@ process); both probes use the same wall clock on the same machine.
 
 - `influx-proxy`: an HTTP proxy between senseflow's writer and influxd. Every request is
   forwarded as it is; when influxd answers a `/write` with 2xx, the proxy takes the
-  time and the timestamp of every line in the body (the last field of a line is the
+  time and the timestamp of every `user_events` line in the body (its last field is the
   event's receive time, in ns): that is receive -> InfluxDB acknowledgement, as the writer
   sees it a loopback hop later. Records: (receive ns, ack ns).
 - `mqtt-sub`: a minimal MQTT 3.1.1 subscriber (QoS 1, acknowledges every message) that
@@ -37,7 +37,9 @@ from pathlib import Path
 
 from workers.writer.sinks import mqtt_protocol as proto
 
-_LINE_TIME = re.compile(rb" (\d+)\n")
+_LINE_TIME = re.compile(rb"^user_events[ ,][^\n]* (\d+)$", re.MULTILINE)
+"""The time of each `user_events` line: the session snapshots and ends (user_session_*,
+user_connection_ended) carry the snapshot's or the end's time, not a receive time."""
 _TIMESTAMP = re.compile(rb'"timestamp":"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})Z"')
 
 
