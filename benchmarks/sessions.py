@@ -91,12 +91,13 @@ def writer_cpu_per_event(
     and of that, the decode alone. Events `spacing_ns` apart: at 20 µs all of them wait in
     the 2 s reorder buffer until the end (decoded long before they are applied, so out of
     the CPU's caches); at 1 ms (1,000 events/s) about 2,000 wait at a time."""
+    from benchmarks.sessions_ab import writer_ns
     from senseflow.commands.corpus import app_names, make_corpus
-    from shared.config import SessionOptions, config_from_document
+    from shared.config import config_from_document
     from shared.events import RawBatch
     from workers.pipeline import EventPipeline
-    from workers.writer.sessions import _EVENTS, CONSUMER, SessionKeeper
-    from workers.writer.spool import Spool
+    from workers.writer import sessions as keeper_module
+    from workers.writer.sessions import _EVENTS
 
     pipeline = EventPipeline(config_from_document({}, {}), app_names())
     datagrams = make_corpus(count, seed=seed)
@@ -108,21 +109,12 @@ def writer_cpu_per_event(
         for i in range(0, count - count % 500, 500)
     ]
     events = sum(len(b.received_ns) for b in batches)
-    with tempfile.TemporaryDirectory() as directory:
-        spool = Spool(directory, [CONSUMER])
-        keeper = SessionKeeper(SessionOptions(), spool, sync=False)
-        gc.collect()
-        started = time.thread_time_ns()
-        for seq, batch in enumerate(batches):
-            keeper.add(seq, batch)
-        keeper.flush()
-        spent = time.thread_time_ns() - started
-        spool.close()
+    spent_per_event = writer_ns(keeper_module, batches)
     gc.collect()
     started = time.thread_time_ns()
     for batch in batches:
         _EVENTS.decode(batch.sessions)
-    return spent / events, (time.thread_time_ns() - started) / events
+    return spent_per_event, (time.thread_time_ns() - started) / events
 
 
 def publish_cost(sessions: int) -> dict[str, float]:
